@@ -1,0 +1,1 @@
+"""Launching ablation runs: presets and the `ablations/run.py` command."""

@@ -1,0 +1,210 @@
+"""Configs as frozen dataclasses: the model, the training recipe, evaluation, and the run that holds them.
+
+Every run saves its resolved `RunConfig` (see `to_dict`), and `--set section.field=value` reaches every
+field through `apply_overrides`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+
+from dit.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config value or override that cannot be used."""
+
+
+# Named DiT sizes from the paper: (depth, hidden size, heads).
+DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+_CHOICES = {
+    "pos_embed": ("sincos", "rope"),
+    "mlp": ("gelu", "swiglu"),
+    "norm": ("layernorm", "rmsnorm"),
+    "adaln": ("per_block", "shared"),
+    "stem": ("linear", "conv"),
+    "dtype": ("float32", "bfloat16", "float16"),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A DiT architecture. The defaults are DiT-S/2 on 32x32x4 latents (256px images) with 100 classes."""
+
+    input_size: int = 32  # latent height and width
+    in_channels: int = 4
+    patch_size: int = 2
+    hidden_size: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    num_classes: int = 100  # the null (unconditional) label is num_classes
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = True  # output 2x channels: epsilon and the sigma interpolation
+    pos_embed: str = "sincos"  # sincos: fixed absolute 2D; rope: 2D axial rotary on q and k
+    mlp: str = "gelu"  # gelu: GELU-tanh MLP; swiglu: gated SiLU MLP
+    swiglu_hidden: int = 0  # 0: 2/3 of the GELU width rounded up to 64, which keeps the weight count
+    norm: str = "layernorm"  # norm of the residual stream inside blocks (no affine, as DiT)
+    qk_norm: bool = False  # RMS-normalise q and k per head, with a learned scale
+    adaln: str = "per_block"  # per_block: adaLN-Zero as DiT; shared: adaLN-single as PixArt-alpha
+    stem: str = "linear"  # linear: patchify as one linear layer; conv: two 3x3 convs, then patchify
+    conv_stem_width: int = 64
+    dtype: str = "float32"  # compute dtype of matrix products; parameters stay float32
+
+    def __post_init__(self) -> None:
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"model.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}; "
+                    f"set it to one of those."
+                )
+        positive = ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "num_classes")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name}={getattr(self, name)} must be a positive integer.")
+        if self.input_size % self.patch_size:
+            raise ConfigError(
+                f"model.input_size={self.input_size} is not divisible by model.patch_size={self.patch_size}; "
+                f"choose a patch size that divides the latent size."
+            )
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}; "
+                f"choose a head count that divides the width."
+            )
+        if self.pos_embed == "rope" and self.head_dim % 4:
+            raise ConfigError(
+                f"2D RoPE splits each head into row and column halves of rotated pairs, so the head dimension "
+                f"must be divisible by 4, but it is {self.head_dim}; change model.hidden_size or model.num_heads."
+            )
+        if self.pos_embed == "sincos" and self.hidden_size % 4:
+            raise ConfigError(f"the 2D sin-cos position embedding needs model.hidden_size divisible by 4.")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ConfigError(f"model.class_dropout_prob={self.class_dropout_prob} must lie in [0, 1).")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def grid_size(self) -> int:
+        return self.input_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def mlp_hidden(self) -> int:
+        gelu_hidden = int(self.hidden_size * self.mlp_ratio)
+        if self.mlp == "gelu":
+            return gelu_hidden
+        # SwiGLU has three matrices instead of two: 2/3 of the width keeps the weight count equal.
+        return self.swiglu_hidden or -(-(2 * gelu_hidden // 3) // 64) * 64
+
+
+def dit_config(name: str = "S/2", **overrides) -> ModelConfig:
+    """A named DiT size such as "S/2" or "XL/2" as a ModelConfig, with optional field overrides."""
+    size, _, patch = name.partition("/")
+    if size not in DIT_SIZES or not patch.isdigit():
+        raise ConfigError(f"unknown DiT size {name!r}; use one of S, B, L, XL with a patch, such as 'S/2'.")
+    depth, hidden, heads = DIT_SIZES[size]
+    fields = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch))
+    return ModelConfig(**{**fields, **overrides})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe; defaults are the DiT paper's (AdamW, lr 1e-4 constant, batch 256, EMA 0.9999)."""
+
+    steps: int = 400_000
+    batch_size: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    seed: int = 0
+    objective: str = "ddpm"  # ddpm: DiT's hybrid loss; flow: SiT's linear interpolant, velocity
+    ckpt_every: int = 10_000
+    log_every: int = 100
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("ddpm", "flow"):
+            raise ConfigError(f"train.objective={self.objective!r} is not one of ddpm, flow; set one of those.")
+        for name in ("steps", "batch_size", "ckpt_every", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must be a positive integer.")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """FID evaluation during and after training."""
+
+    every: int = 50_000
+    num_samples: int = 10_000
+    sampling_steps: int = 250
+    cfg_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("every", "num_samples", "sampling_steps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"eval.{name}={getattr(self, name)} must be a positive integer.")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs: what `ablations/run.py` resolves and saves as config.json."""
+
+    variant: str = "baseline"
+    preset: str = "in100"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def _parse_value(key: str, text: str, kind: str):
+    try:
+        if kind == "bool":
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if kind == "int":
+            return int(text)
+        if kind == "float":
+            return float(text)
+        return text
+    except ValueError:
+        raise ConfigError(f"--set {key}={text}: {text!r} is not a valid {kind}; give a value of type {kind}.") from None
+
+
+def apply_overrides(config: RunConfig, assignments: list[str]) -> RunConfig:
+    """Applies `section.field=value` strings (as given to --set) to a RunConfig, checking names and types."""
+    sections = {f.name: f for f in dataclasses.fields(config) if dataclasses.is_dataclass(getattr(config, f.name))}
+    for assignment in assignments:
+        key, eq, text = assignment.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not eq or not dot:
+            raise ConfigError(f"--set {assignment!r} is not of the form section.field=value, e.g. model.depth=13.")
+        if section not in sections:
+            raise ConfigError(f"--set {key}: unknown section {section!r}; sections are {', '.join(sections)}.")
+        sub = getattr(config, section)
+        kinds = {f.name: str(f.type) for f in dataclasses.fields(sub)}
+        if name not in kinds:
+            close = difflib.get_close_matches(name, kinds, n=1)
+            hint = f" Did you mean {section}.{close[0]}?" if close else ""
+            raise ConfigError(
+                f"--set {key}: {section} has no field {name!r}; its fields are {', '.join(kinds)}.{hint}"
+            )
+        value = _parse_value(key, text.strip(), kinds[name])
+        config = dataclasses.replace(config, **{section: dataclasses.replace(sub, **{name: value})})
+    return config

@@ -1,0 +1,60 @@
+"""Parameter and FLOP counts of a model config, from abstract shapes only (no parameter memory)."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dit.config import ModelConfig
+from dit.model import DiT
+
+
+@functools.lru_cache(maxsize=64)
+def abstract_model(cfg: ModelConfig) -> DiT:
+    """The model with ShapeDtypeStructs in place of arrays (jax.eval_shape through nnx); read-only, cached."""
+    return nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0)))
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Trainable parameters (nnx.Param); the fixed sin-cos position embedding is not one."""
+    state = nnx.state(abstract_model(cfg), nnx.Param)
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state))
+
+
+def _macs(jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
+        elif eqn.primitive.name == "conv_general_dilated":
+            rhs = eqn.invars[1].aval.shape
+            out = eqn.outvars[0].aval.shape
+            out_features = out[eqn.params["dimension_numbers"].out_spec[1]]
+            total += math.prod(out) * math.prod(rhs) // out_features
+        for param in eqn.params.values():  # nested jaxprs: jit, custom_jvp, scan bodies ...
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    total += _macs(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    total += _macs(sub)
+    return total
+
+
+def count_gflops(cfg: ModelConfig) -> float:
+    """GFLOPs as the DiT paper counts them: multiply-accumulates of one forward of one image, / 1e9.
+
+    Counts every matrix product and convolution (attention's included) in the traced forward; norms
+    and elementwise work are left out, as in the paper's table (DiT-S/2: 6.06).
+    """
+    graphdef, state = nnx.split(abstract_model(cfg))
+    x = jax.ShapeDtypeStruct((1, cfg.input_size, cfg.input_size, cfg.in_channels), jnp.float32)
+    t = jax.ShapeDtypeStruct((1,), jnp.float32)
+    y = jax.ShapeDtypeStruct((1,), jnp.int32)
+    forward = lambda state, x, t, y: nnx.merge(graphdef, state)(x, t, y)
+    return _macs(jax.make_jaxpr(forward)(state, x, t, y).jaxpr) / 1e9

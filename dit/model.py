@@ -1,0 +1,117 @@
+"""The Diffusion Transformer (Peebles & Xie, 2022) in Flax NNX, with the ablation switches of ModelConfig.
+
+Reads top to bottom: the block, the final layer, the model, the guided call. Inputs and outputs are
+NHWC; with learn_sigma the output has 2x the input channels (epsilon, then the sigma interpolation).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dit.attention import SelfAttention, rope_2d_angles
+from dit.config import ModelConfig
+from dit.layers import (ConvStem, GeluMlp, LabelEmbedder, PatchEmbed, SwiGluMlp, TimestepEmbedder, layer_norm,
+                        linear, modulate, rms_norm, sincos_pos_embed_2d, unpatchify, zeros)
+
+
+class DiTBlock(nnx.Module):
+    """Pre-norm transformer block whose norms are modulated by the conditioning (adaLN-Zero).
+
+    With the shared adaLN (adaLN-single), the block owns only a learned offset that is added to the
+    modulation computed once for all blocks.
+    """
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        dtype = jnp.dtype(cfg.dtype)
+        self.norm = rms_norm if cfg.norm == "rmsnorm" else layer_norm
+        self.attn = SelfAttention(d, cfg.num_heads, rngs, dtype, qk_norm=cfg.qk_norm)
+        mlp = SwiGluMlp if cfg.mlp == "swiglu" else GeluMlp
+        self.mlp = mlp(d, cfg.mlp_hidden, rngs, dtype)
+        if cfg.adaln == "per_block":
+            # Zero init: every block starts as the identity, the "Zero" of adaLN-Zero.
+            self.adaln_modulation = linear(d, 6 * d, rngs, dtype, init=zeros)
+            self.adaln_offset = None
+        else:
+            self.adaln_modulation = None
+            self.adaln_offset = nnx.Param(jnp.zeros((6 * d,), jnp.float32))
+
+    def __call__(self, x, c, shared_modulation=None, rope_angles=None):
+        if self.adaln_modulation is not None:
+            modulation = self.adaln_modulation(nnx.silu(c))
+        else:
+            modulation = shared_modulation + self.adaln_offset[...]
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(modulation, 6, axis=-1)
+        h = modulate(self.norm(x), shift_msa, scale_msa)
+        x = x + gate_msa[:, None, :] * self.attn(h, rope_angles)
+        h = modulate(self.norm(x), shift_mlp, scale_mlp)
+        return x + gate_mlp[:, None, :] * self.mlp(h)
+
+
+class FinalLayer(nnx.Module):
+    """adaLN-modulated LayerNorm, then a linear map from each token to its patch of output channels."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        dtype = jnp.dtype(cfg.dtype)
+        self.adaln_modulation = linear(d, 2 * d, rngs, dtype, init=zeros)
+        self.linear = linear(d, cfg.patch_size**2 * cfg.out_channels, rngs, dtype, init=zeros)
+
+    def __call__(self, x, c):
+        shift, scale = jnp.split(self.adaln_modulation(nnx.silu(c)), 2, axis=-1)
+        return self.linear(modulate(layer_norm(x), shift, scale))
+
+
+class DiT(nnx.Module):
+    """A class-conditional latent diffusion transformer: model(x, t, y) -> (B, H, W, out_channels)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d = cfg.hidden_size
+        dtype = jnp.dtype(cfg.dtype)
+        if cfg.stem == "conv":
+            self.x_embedder = ConvStem(cfg.patch_size, cfg.in_channels, d, cfg.conv_stem_width, rngs, dtype)
+        else:
+            self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d, rngs, dtype)
+        self.t_embedder = TimestepEmbedder(d, rngs, dtype)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob, rngs)
+        self.shared_adaln = linear(d, 6 * d, rngs, dtype, init=zeros) if cfg.adaln == "shared" else None
+        self.blocks = nnx.List([DiTBlock(cfg, rngs) for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(cfg, rngs)
+
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *, dropout_key: jax.Array | None = None):
+        """x (B, H, W, C) latents, t (B,) timesteps, y (B,) labels (num_classes = null).
+
+        Labels are dropped to the null label only when `dropout_key` is given (training).
+        """
+        cfg = self.cfg
+        h = self.x_embedder(x.astype(jnp.float32))
+        rope_angles = None
+        if cfg.pos_embed == "rope":
+            rope_angles = jnp.asarray(rope_2d_angles(cfg.grid_size, cfg.head_dim))
+        else:
+            h = h + jnp.asarray(sincos_pos_embed_2d(cfg.hidden_size, cfg.grid_size))
+        c = self.t_embedder(t) + self.y_embedder(y, dropout_key)
+        shared = self.shared_adaln(nnx.silu(c)) if self.shared_adaln is not None else None
+        for block in self.blocks:
+            h = block(h, c, shared, rope_angles)
+        out = self.final_layer(h, c)
+        return unpatchify(out, cfg.patch_size, cfg.out_channels).astype(jnp.float32)
+
+    def forward_with_cfg(self, x, t, y, cfg_scale: float, guided_channels: int | None = 3):
+        """Classifier-free guidance as DiT's forward_with_cfg.
+
+        The batch holds the conditional half first and the same inputs with null labels second; both
+        halves get the guided output. Guidance acts on the first `guided_channels` output channels
+        (3, as DiT; None for all predicted channels, as SiT); the rest, such as the learned sigma, pass
+        through unguided.
+        """
+        half = x[: x.shape[0] // 2]
+        out = self(jnp.concatenate([half, half]), t, y)
+        n = self.cfg.in_channels if guided_channels is None else guided_channels
+        guided, rest = out[..., :n], out[..., n:]
+        cond, uncond = jnp.split(guided, 2, axis=0)
+        half_guided = uncond + cfg_scale * (cond - uncond)
+        return jnp.concatenate([jnp.concatenate([half_guided, half_guided]), rest], axis=-1)

@@ -1,0 +1,42 @@
+"""Embeddings and token layout, checked against diffusers' implementations where they exist."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dit.config import ModelConfig
+from dit.layers import patchify, sincos_pos_embed_2d, timestep_embedding, unpatchify
+
+
+def test_timestep_embedding_matches_diffusers_with_dit_settings():
+    embeddings = pytest.importorskip("diffusers.models.embeddings")
+    torch = pytest.importorskip("torch")
+    t = np.array([0, 1, 17, 500, 999])
+    ref = embeddings.get_timestep_embedding(torch.tensor(t), 256, flip_sin_to_cos=True, downscale_freq_shift=0)
+    np.testing.assert_allclose(np.asarray(timestep_embedding(jnp.asarray(t))), ref.numpy(), rtol=0, atol=1e-4)  # float32 args up to 999
+
+
+def test_sincos_pos_embed_matches_diffusers():
+    embeddings = pytest.importorskip("diffusers.models.embeddings")
+    try:
+        ref = embeddings.get_2d_sincos_pos_embed(384, 16, output_type="np")
+    except TypeError:  # older diffusers: numpy only, no output_type
+        ref = embeddings.get_2d_sincos_pos_embed(384, 16)
+    np.testing.assert_allclose(sincos_pos_embed_2d(384, 16), np.asarray(ref), rtol=1e-6, atol=1e-6)
+
+
+def test_patchify_unpatchify_round_trip_and_layout():
+    x = jnp.arange(2 * 8 * 8 * 3, dtype=jnp.float32).reshape(2, 8, 8, 3)
+    tokens = patchify(x, 2)
+    assert tokens.shape == (2, 16, 12)
+    # token 1 is the patch at row 0, column 1; its features run (row, column, channel)
+    np.testing.assert_array_equal(tokens[0, 1, :3], x[0, 0, 2])
+    np.testing.assert_array_equal(tokens[0, 1, 3:6], x[0, 0, 3])
+    np.testing.assert_array_equal(tokens[0, 1, 6:9], x[0, 1, 2])
+    np.testing.assert_array_equal(unpatchify(tokens, 2, 3), x)
+
+
+def test_swiglu_width_keeps_the_weight_count():
+    cfg = ModelConfig(mlp="swiglu")
+    assert cfg.mlp_hidden == 1024
+    assert 3 * cfg.hidden_size * cfg.mlp_hidden == 2 * cfg.hidden_size * ModelConfig().mlp_hidden

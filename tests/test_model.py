@@ -1,0 +1,114 @@
+"""Invariants of the DiT model: adaLN-Zero init, guidance, label dropout, dtypes, full-size shapes."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dit.config import ModelConfig
+from dit.model import DiT
+from tests.helpers import TINY, batch, randomized
+from variants.registry import FEATURES
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_output_is_exactly_zero_at_init(feature):
+    fields = {k: v for k, v in FEATURES[feature].items() if k not in ("depth", "hidden_size", "num_heads")}
+    cfg = dataclasses.replace(TINY, **fields)
+    model = DiT(cfg, rngs=nnx.Rngs(0))
+    x, t, y = batch(cfg)
+    out = model(x, t, y)
+    assert out.shape == (4, 8, 8, 8)
+    assert not np.any(np.asarray(out))
+
+
+def test_randomized_model_output_is_not_zero():
+    x, t, y = batch(TINY)
+    assert np.abs(np.asarray(randomized(TINY)(x, t, y))).mean() > 1e-3
+
+
+def test_guidance_scale_one_equals_conditional_output():
+    model = randomized(TINY)
+    x, t, y = batch(TINY, n=3)
+    null = jnp.full_like(y, TINY.num_classes)
+    guided = model.forward_with_cfg(jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([y, null]), 1.0)
+    cond, uncond = model(x, t, y), model(x, t, null)
+    np.testing.assert_allclose(guided[:3], cond, rtol=1e-5, atol=1e-4)
+    # As DiT: the guided channels are shared by both halves; the others keep each half's own output.
+    np.testing.assert_allclose(guided[3:, ..., :3], cond[..., :3], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(guided[3:, ..., 3:], uncond[..., 3:], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("guided_channels", [3, None])
+def test_guidance_extrapolates_only_the_guided_channels(guided_channels):
+    model = randomized(TINY)
+    x, t, y = batch(TINY, n=2)
+    null = jnp.full_like(y, TINY.num_classes)
+    xx, tt, yy = jnp.concatenate([x, x]), jnp.concatenate([t, t]), jnp.concatenate([y, null])
+    out = model.forward_with_cfg(xx, tt, yy, 4.0, guided_channels=guided_channels)
+    cond, uncond = model(x, t, y), model(x, t, null)
+    n = 3 if guided_channels == 3 else TINY.in_channels
+    np.testing.assert_allclose(out[:2, ..., :n], uncond[..., :n] + 4.0 * (cond[..., :n] - uncond[..., :n]),
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out[:2, ..., n:], cond[..., n:], rtol=1e-5, atol=1e-5)
+
+
+def test_label_dropout_only_with_a_key():
+    model = randomized(TINY)
+    x, t, y = batch(TINY, n=64)
+    null = jnp.full_like(y, TINY.num_classes)
+    np.testing.assert_array_equal(model(x, t, y), model(x, t, y))
+    dropped = model(x, t, y, dropout_key=jax.random.key(0))
+    same_as_null = np.all(np.isclose(dropped, model(x, t, null), atol=1e-6), axis=(1, 2, 3))
+    same_as_cond = np.all(np.isclose(dropped, model(x, t, y), atol=1e-6), axis=(1, 2, 3))
+    assert np.all(same_as_null | same_as_cond)
+    assert 1 <= same_as_null.sum() <= 20  # dropout 0.1 of 64
+
+
+def test_no_label_dropout_when_probability_is_zero():
+    cfg = dataclasses.replace(TINY, class_dropout_prob=0.0)
+    model = randomized(cfg)
+    x, t, y = batch(cfg)
+    np.testing.assert_array_equal(model(x, t, y, dropout_key=jax.random.key(0)), model(x, t, y))
+
+
+def test_bfloat16_compute_is_close_to_float32_and_keeps_float32_params():
+    model32 = randomized(TINY)
+    model16 = randomized(dataclasses.replace(TINY, dtype="bfloat16"))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model16, nnx.Param)))
+    x, t, y = batch(TINY)
+    a, b = model32(x, t, y), model16(x, t, y)
+    assert b.dtype == jnp.float32
+    assert float(jnp.linalg.norm(a - b) / jnp.linalg.norm(a)) < 0.05
+
+
+def test_pos_embed_is_not_a_parameter():
+    model = DiT(TINY, rngs=nnx.Rngs(0))
+    names = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert not any("pos" in n for n in names)
+
+
+def test_full_size_dit_s2_forward_shapes_via_eval_shape():
+    cfg = ModelConfig()
+    model = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    out = jax.eval_shape(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y), state,
+                         jax.ShapeDtypeStruct((8, 32, 32, 4), jnp.float32),
+                         jax.ShapeDtypeStruct((8,), jnp.int32), jax.ShapeDtypeStruct((8,), jnp.int32))
+    assert out.shape == (8, 32, 32, 8) and out.dtype == jnp.float32
+
+
+def test_official_initialisation_statistics():
+    model = DiT(ModelConfig(), rngs=nnx.Rngs(0))
+    table = np.asarray(model.y_embedder.embedding_table.embedding[...])
+    assert table.shape == (101, 384) and abs(table.std() - 0.02) < 0.001
+    assert abs(float(model.t_embedder.mlp_in.kernel[...].std()) - 0.02) < 0.002
+    qkv = np.asarray(model.blocks[0].attn.qkv.kernel[...])
+    bound = np.sqrt(6 / (384 + 1152))  # xavier uniform
+    assert qkv.max() <= bound and qkv.min() >= -bound and qkv.std() > 0.8 * bound / np.sqrt(3)
+    assert not np.any(np.asarray(model.blocks[0].adaln_modulation.kernel[...]))
+    assert not np.any(np.asarray(model.final_layer.linear.kernel[...]))
+    assert not np.any(np.asarray(model.blocks[0].attn.qkv.bias[...]))
