@@ -6,6 +6,7 @@ import functools
 import math
 
 import jax
+import jax.extend  # jaxpr types, for walking nested jaxprs
 import jax.numpy as jnp
 from flax import nnx
 

@@ -98,3 +98,47 @@ def test_missing_and_unexpected_keys_fail(s2_state_dict):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint file"):
         load_official_dit(tmp_path / "nope.pt", num_classes=100)
+
+
+def official_to_diffusers(sd: dict, depth: int) -> dict:
+    """The official key layout in diffusers' DiTTransformer2DModel layout (every block holds its own
+    copy of the timestep and label embedders there)."""
+    out = {"pos_embed.proj.weight": sd["x_embedder.proj.weight"], "pos_embed.proj.bias": sd["x_embedder.proj.bias"],
+           "proj_out_1.weight": sd["final_layer.adaLN_modulation.1.weight"],
+           "proj_out_1.bias": sd["final_layer.adaLN_modulation.1.bias"],
+           "proj_out_2.weight": sd["final_layer.linear.weight"], "proj_out_2.bias": sd["final_layer.linear.bias"]}
+    for i in range(depth):
+        b, d = f"blocks.{i}", f"transformer_blocks.{i}"
+        emb = f"{d}.norm1.emb"
+        for suffix in ("weight", "bias"):
+            out[f"{emb}.timestep_embedder.linear_1.{suffix}"] = sd[f"t_embedder.mlp.0.{suffix}"]
+            out[f"{emb}.timestep_embedder.linear_2.{suffix}"] = sd[f"t_embedder.mlp.2.{suffix}"]
+            out[f"{d}.norm1.linear.{suffix}"] = sd[f"{b}.adaLN_modulation.1.{suffix}"]
+            for name, chunk in zip(("to_q", "to_k", "to_v"), np.split(sd[f"{b}.attn.qkv.{suffix}"], 3)):
+                out[f"{d}.attn1.{name}.{suffix}"] = chunk
+            out[f"{d}.attn1.to_out.0.{suffix}"] = sd[f"{b}.attn.proj.{suffix}"]
+            out[f"{d}.ff.net.0.proj.{suffix}"] = sd[f"{b}.mlp.fc1.{suffix}"]
+            out[f"{d}.ff.net.2.{suffix}"] = sd[f"{b}.mlp.fc2.{suffix}"]
+        out[f"{emb}.class_embedder.embedding_table.weight"] = sd["y_embedder.embedding_table.weight"]
+    return out
+
+
+def test_dit_s2_matches_diffusers_pytorch_dit(s2_state_dict):
+    """A second, PyTorch reference from PyPI: diffusers' DiT, set to the official DiT's two constants."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    ref_model = diffusers.DiTTransformer2DModel(
+        num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8, num_layers=12,
+        sample_size=32, patch_size=2, num_embeds_ada_norm=100, norm_eps=1e-6).eval()
+    for block in ref_model.transformer_blocks:
+        # diffusers divides the timestep frequencies by 127 (downscale_freq_shift=1); official DiT by 128.
+        block.norm1.emb.time_proj.downscale_freq_shift = 0
+    weights = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in official_to_diffusers(s2_state_dict, 12).items()}
+    missing, unexpected = ref_model.load_state_dict(weights, strict=False)
+    assert not unexpected and all(k == "pos_embed.pos_embed" for k in missing)
+    x, t, y = inputs(2, 32, 4, 100, seed=3)
+    with torch.no_grad():
+        ref = ref_model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), timestep=torch.from_numpy(t),
+                        class_labels=torch.from_numpy(y)).sample.numpy().transpose(0, 2, 3, 1)
+    ours = np.asarray(load_official_dit(s2_state_dict, num_classes=100)(x, t, y))
+    assert relative_error(ours, ref) <= 1e-5
