@@ -112,3 +112,19 @@ def test_official_initialisation_statistics():
     assert not np.any(np.asarray(model.blocks[0].adaln_modulation.kernel[...]))
     assert not np.any(np.asarray(model.final_layer.linear.kernel[...]))
     assert not np.any(np.asarray(model.blocks[0].attn.qkv.bias[...]))
+
+
+def test_guided_model_fn_with_scale_one_is_conditional_and_interval_switches_it_off():
+    from dit.guidance import guided_model_fn
+    model = randomized(TINY)
+    x, t, y = batch(TINY, n=3)
+    fn = lambda x, t, y: model(x, t, y)
+    np.testing.assert_array_equal(guided_model_fn(fn, 1.0, TINY.num_classes)(x, t, y), model(x, t, y))
+    cond, uncond = model(x, t, y), model(x, t, jnp.full_like(y, TINY.num_classes))
+    out = guided_model_fn(fn, 3.0, TINY.num_classes, guided_channels=4)(x, t, y)
+    np.testing.assert_allclose(out[..., :4], uncond[..., :4] + 3.0 * (cond[..., :4] - uncond[..., :4]), atol=1e-4)
+    np.testing.assert_allclose(out[..., 4:], cond[..., 4:], atol=1e-5)
+    t_hi = jnp.array([900, 100, 500])
+    out = guided_model_fn(fn, 3.0, TINY.num_classes, interval=(0, 600))(x, t_hi, y)
+    np.testing.assert_allclose(out[0], model(x, t_hi, y)[0], atol=1e-5)  # outside the interval: conditional
+    assert not np.allclose(out[1], model(x, t_hi, y)[1], atol=1e-3)
