@@ -125,21 +125,38 @@ class TrainConfig:
     """The training recipe; defaults are the DiT paper's (AdamW, lr 1e-4 constant, batch 256, EMA 0.9999)."""
 
     steps: int = 400_000
-    batch_size: int = 256
+    batch_size: int = 256  # global, over all devices of all processes
     lr: float = 1e-4
+    schedule: str = "constant"  # constant | cosine (to 0 at `steps`), after `warmup_steps` of linear warmup
+    warmup_steps: int = 0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
     weight_decay: float = 0.0
+    grad_clip: float = 0.0  # global-norm clipping; 0 turns it off (DiT uses none)
     ema_decay: float = 0.9999
     seed: int = 0
     objective: str = "ddpm"  # ddpm: DiT's hybrid loss; flow: SiT's linear interpolant, velocity
+    time_sampling: str = "uniform"  # flow only: uniform | logit_normal
     ckpt_every: int = 10_000
+    keep_checkpoints: int = 3  # the last N are kept ...
+    keep_every: int = 0  # ... plus every K-th step for good (0: none)
+    local_checkpoints: bool = False  # multi-host without a shared filesystem: each process keeps its own
     log_every: int = 100
 
     def __post_init__(self) -> None:
-        if self.objective not in ("ddpm", "flow"):
-            raise ConfigError(f"train.objective={self.objective!r} is not one of ddpm, flow; set one of those.")
-        for name in ("steps", "batch_size", "ckpt_every", "log_every"):
+        choices = {"objective": ("ddpm", "flow"), "schedule": ("constant", "cosine"),
+                   "time_sampling": ("uniform", "logit_normal")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"train.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}; set one of those."
+                )
+        for name in ("steps", "batch_size", "ckpt_every", "log_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be a positive integer.")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay={self.ema_decay} must lie in [0, 1).")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,123 @@
+"""`python -m dit.bench train --variant NAME --batch N [--steps K] [--json]`: the training step's speed.
+
+Times the jitted, data-parallel training step (model, objective, AdamW, EMA: the real step) on
+synthetic latents, on whatever backend JAX sees. Model FLOPs come from the analytic count
+(`dit.counting`): a training step costs 3 forwards (forward + backward), 2 FLOPs per multiply-add.
+MFU is against the dense bfloat16 datasheet peak of the device kind (PEAK_FLOPS), null where unknown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+
+from dit.config import RunConfig, TrainConfig
+from dit.counting import count_gflops
+from dit.errors import UserError
+
+# Dense bfloat16 peak FLOP/s per device from the vendors' datasheets (no sparsity).
+PEAK_FLOPS = {
+    "H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12,
+    "V100": 125e12,  # float16 tensor cores; V100 has no bfloat16
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    for name, peak in sorted(PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+        if name.lower() in device_kind.lower():
+            return peak
+    return None
+
+
+def bench_train(variant: str, batch: int, steps: int, dtype: str | None, objective: str) -> dict:
+    from dit.mesh import data_mesh, global_batch, replicated
+    from dit.objectives import make_objective
+    from dit.train import create_optimizer, init_state, make_train_step
+    from variants import resolve
+
+    backend = jax.default_backend()
+    dtype = dtype or ("float32" if backend == "cpu" else "bfloat16")
+    model = dataclasses.replace(resolve(variant), dtype=dtype)
+    run = RunConfig(variant=variant, model=model, train=TrainConfig(batch_size=batch, objective=objective))
+    mesh = data_mesh()
+    optimizer, schedule = create_optimizer(run.train)
+    graphdef, state = init_state(model, run.train, optimizer)
+    state = jax.device_put(state, replicated(mesh))
+    step = make_train_step(graphdef, make_objective(run), optimizer, schedule, run.train,
+                           dynamic_loss_scale=dtype == "float16", mesh=mesh)
+    rng = np.random.default_rng(0)
+    local = batch // jax.process_count()
+    x = rng.normal(size=(local, model.input_size, model.input_size, model.in_channels)).astype(np.float32)
+    y = rng.integers(0, model.num_classes, local)
+    data = global_batch(mesh, (x, y))
+    start = time.perf_counter()
+    state, metrics = step(state, data)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = step(state, data)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    img_per_s = batch / step_s
+    flops_per_image = 3 * 2 * count_gflops(model) * 1e9
+    device_kind = jax.devices()[0].device_kind
+    peak = peak_flops(device_kind)
+    model_flops = flops_per_image * img_per_s
+    return {
+        "backend": backend, "device_kind": device_kind, "devices": jax.device_count(), "variant": variant,
+        "batch": batch, "dtype": dtype, "objective": objective, "steps": steps, "compile_s": compile_s,
+        "step_ms": 1000 * step_s, "img_per_s": img_per_s, "model_tflops_per_s": model_flops / 1e12,
+        "gflop_per_image": flops_per_image / 1e9,
+        "peak_tflops": None if peak is None else peak * jax.device_count() / 1e12,
+        "mfu": None if peak is None else model_flops / (peak * jax.device_count()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dit.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    train = sub.add_parser("train", help="time the training step")
+    train.add_argument("--variant", default="baseline")
+    train.add_argument("--batch", type=int, default=8, help="global batch size")
+    train.add_argument("--steps", type=int, default=5, help="timed steps after one compiling step")
+    train.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                       help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
+    train.add_argument("--objective", choices=["ddpm", "flow"], default="ddpm")
+    train.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        if args.batch <= 0 or args.steps <= 0:
+            raise UserError("--batch and --steps must be positive integers.")
+        if args.batch % jax.device_count():
+            raise UserError(f"--batch {args.batch} does not split over {jax.device_count()} devices; "
+                            f"use a multiple of {jax.device_count()}.")
+        result = bench_train(args.variant, args.batch, args.steps, args.dtype, args.objective)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    if args.json:
+        print(json.dumps(result))
+    else:
+        mfu = "n/a (unknown peak)" if result["mfu"] is None else f"{100 * result['mfu']:.1f}%"
+        print(f"{result['variant']} batch {result['batch']} {result['dtype']} on {result['devices']}x "
+              f"{result['device_kind']} ({result['backend']}): {result['step_ms']:.1f} ms/step, "
+              f"{result['img_per_s']:.1f} img/s, {result['model_tflops_per_s']:.2f} model TFLOP/s, MFU {mfu}; "
+              f"compile {result['compile_s']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,36 @@
+"""Starting JAX's multi-process runtime: explicit flags, or auto-detection on TPU pods and SLURM."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from dit.errors import UserError
+
+
+def _cluster_detected() -> bool:
+    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ
+    tpu_pod = len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+    return slurm or tpu_pod
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+    """Calls jax.distributed.initialize once: with the given flags, or bare where JAX can detect the cluster."""
+    flags = (coordinator, num_processes, process_id)
+    if any(f is not None for f in flags):
+        if any(f is None for f in flags):
+            raise UserError(
+                "multi-process runs need all three of --coordinator HOST:PORT, --num-processes N and "
+                "--process-id I (or none of them, to auto-detect on TPU pods and SLURM)."
+            )
+        if not 0 <= process_id < num_processes:
+            raise UserError(f"--process-id {process_id} must lie in [0, {num_processes}).")
+        # CPU devices (tests, laptops) need a collectives backend to talk across processes; GPUs and
+        # TPUs ignore this setting.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+    elif _cluster_detected():
+        jax.distributed.initialize()

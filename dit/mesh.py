@@ -1,0 +1,40 @@
+"""Data parallelism over every device of every process: a 1D mesh with a batch axis."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+BATCH_AXIS = "batch"
+
+
+def data_mesh(devices=None) -> Mesh:
+    """A mesh with one axis, `batch`, over the given devices (default: all devices of all processes)."""
+    devices = jax.devices() if devices is None else devices
+    # Auto axes: the compiler propagates the batch sharding through the model (no per-op annotations).
+    return Mesh(np.asarray(devices), (BATCH_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
+
+
+def local_batch_size(global_batch: int) -> int:
+    """This process's share of the global batch; the global batch must split evenly over devices."""
+    if global_batch % jax.device_count():
+        raise ValueError(
+            f"train.batch_size={global_batch} does not split evenly over {jax.device_count()} devices; "
+            f"use a multiple of {jax.device_count()}."
+        )
+    return global_batch // jax.process_count()
+
+
+def global_batch(mesh: Mesh, local_arrays):
+    """Each process's rows -> one global array per leaf, sharded along the batch axis."""
+    sharding = batch_sharded(mesh)
+    return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), local_arrays)

@@ -1,0 +1,313 @@
+"""The training loop: one jitted, data-parallel step with donated buffers, EMA, checkpoints, exact resume.
+
+The loop reads results back from the device only when it logs or saves, so steps queue up on the
+accelerator. Randomness of step s comes from fold_in(run key, s): a resumed run draws the same
+timesteps, noise and label dropout as an uninterrupted one, and with the data iterator state saved
+in the checkpoint, it continues bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from dit.batches import BatchSource
+from dit.checkpoint import Checkpoints
+from dit.config import ModelConfig, RunConfig, TrainConfig, to_dict
+from dit.errors import UserError
+from dit.mesh import batch_sharded, data_mesh, global_batch, local_batch_size, replicated
+from dit.model import DiT
+
+# objective(model_fn, x0, y, key) -> (per-example loss (B,), time as a fraction in [0, 1] (B,))
+Objective = Callable[..., tuple[jax.Array, jax.Array]]
+
+FP16_INITIAL_SCALE = 2.0**15
+FP16_GROWTH_INTERVAL = 2000  # finite steps before the loss scale doubles
+
+
+class TrainingDiverged(UserError):
+    exit_code = 1
+
+
+def create_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with optional linear warmup, constant or cosine schedule, and global-norm clipping."""
+    if cfg.schedule == "cosine":
+        main = optax.cosine_decay_schedule(cfg.lr, max(cfg.steps - cfg.warmup_steps, 1))
+    else:
+        main = optax.constant_schedule(cfg.lr)
+    schedule = main
+    if cfg.warmup_steps:
+        schedule = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), main],
+                                        [cfg.warmup_steps])
+    optimizer = optax.adamw(schedule, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    if cfg.grad_clip > 0:
+        optimizer = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optimizer)
+    return optimizer, schedule
+
+
+def init_state(model_cfg: ModelConfig, train_cfg: TrainConfig, optimizer: optax.GradientTransformation):
+    """The model's graph and the train state: a dict of arrays, the unit that is stepped and saved."""
+    graphdef, params = nnx.split(DiT(model_cfg, rngs=nnx.Rngs(train_cfg.seed)))
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "ema": jax.tree.map(jnp.copy, params),  # DiT's EMA starts as a copy of the initial weights
+        "opt_state": optimizer.init(params),
+        "rng": jax.random.fold_in(jax.random.PRNGKey(train_cfg.seed), 1),  # raw uint32 key: saveable
+        "loss_scale": jnp.asarray(FP16_INITIAL_SCALE if model_cfg.dtype == "float16" else 1.0, jnp.float32),
+        "finite_steps": jnp.zeros((), jnp.int32),
+    }
+    return graphdef, state
+
+
+def make_train_step(graphdef, objective: Objective, optimizer, schedule, train_cfg: TrainConfig,
+                    dynamic_loss_scale: bool, mesh) -> Callable:
+    """The jitted step (state, (x, y)) -> (state, metrics); the state's buffers are donated."""
+
+    def step(state, batch):
+        x, y = batch
+        key_objective, key_dropout = jax.random.split(jax.random.fold_in(state["rng"], state["step"]))
+        scale = state["loss_scale"]
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params)
+            model_fn = lambda x_t, t, y: model(x_t, t, y, dropout_key=key_dropout)
+            per_example, t_frac = objective(model_fn, x, y, key_objective)
+            loss = per_example.mean()
+            return loss * scale, (loss, per_example, t_frac)
+
+        grads, (loss, per_example, t_frac) = jax.grad(loss_fn, has_aux=True)(state["params"])
+        grads = jax.tree.map(lambda g: g / scale, grads)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        decay = train_cfg.ema_decay
+        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
+        new = dict(state, step=state["step"] + 1, params=params, ema=ema, opt_state=opt_state)
+        if dynamic_loss_scale:
+            # float16: skip a step whose gradients overflowed and halve the scale; grow it after a run
+            # of finite steps.
+            finite = jnp.isfinite(grad_norm)
+            keep = lambda a, b: jax.tree.map(lambda u, v: jnp.where(finite, u, v), a, b)
+            new.update(params=keep(params, state["params"]), ema=keep(ema, state["ema"]),
+                       opt_state=keep(opt_state, state["opt_state"]))
+            run = jnp.where(finite, state["finite_steps"] + 1, 0)
+            grow = run >= FP16_GROWTH_INTERVAL
+            new["loss_scale"] = jnp.where(finite, jnp.where(grow, scale * 2, scale), jnp.maximum(scale / 2, 1.0))
+            new["finite_steps"] = jnp.where(grow, 0, run)
+        quartile = jnp.clip((t_frac * 4).astype(jnp.int32), 0, 3)
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": schedule(state["step"]),
+            "loss_scale": scale,
+            "quartile_sum": jax.ops.segment_sum(per_example, quartile, 4),
+            "quartile_count": jax.ops.segment_sum(jnp.ones_like(per_example), quartile, 4),
+        }
+        return new, metrics
+
+    state_sharding, data_sharding = replicated(mesh), batch_sharded(mesh)
+    return jax.jit(step, in_shardings=(state_sharding, data_sharding),
+                   out_shardings=(state_sharding, state_sharding), donate_argnums=0)
+
+
+def to_host(tree):
+    """Replicated device arrays -> numpy, from this process's own copy (works multi-process too)."""
+    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else a, tree)
+
+
+def params_sha256(params) -> str:
+    """SHA-256 over parameters: leaves in the order of their sorted '/'-joined key paths, each as
+    little-endian float32 bytes in C order (the names themselves are not hashed)."""
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    named = sorted(("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), leaf)
+                   for path, leaf in leaves)
+    digest = hashlib.sha256()
+    for _, leaf in named:
+        digest.update(np.ascontiguousarray(to_host(leaf), dtype="<f4").tobytes())
+    return digest.hexdigest()
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks, so a preempted run saves before it exits."""
+
+    def __enter__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self) -> bool:
+        """True on every process if any process was asked to stop (a collective when multi-process)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+
+
+@dataclass
+class _Log:
+    """Device metrics since the last log; fetched (one device sync) only when written."""
+
+    path: Path | None
+    global_batch: int
+
+    def __post_init__(self):
+        self.pending: list[dict] = []
+        self.timed_steps = 0
+        self.since = time.perf_counter()
+        self.compile_s: float | None = None
+        self.written = False
+
+    def add(self, metrics: dict) -> None:
+        self.pending.append(metrics)
+        if self.compile_s is None:
+            # The first step of a session compiles; time it apart so img/s measures steady training.
+            jax.block_until_ready(metrics)
+            self.compile_s = time.perf_counter() - self.since
+            self.since = time.perf_counter()
+        else:
+            self.timed_steps += 1
+
+    def check_finite(self, first_step: int, last_good: int | None, workdir: Path) -> None:
+        losses = np.asarray(to_host([m["loss"] for m in self.pending]))
+        if not np.all(np.isfinite(losses)):
+            bad = first_step + int(np.argmin(np.isfinite(losses)))
+            kept = f"the last good checkpoint (step {last_good}) is kept in {workdir}" if last_good else \
+                "no checkpoint was saved before it"
+            raise TrainingDiverged(
+                f"the loss became NaN or Inf at step {bad}; training stopped and {kept}. Lower train.lr, "
+                f"set train.grad_clip (e.g. 1.0), or use bfloat16 rather than float16, then start again "
+                f"(or --resume from the kept checkpoint)."
+            )
+
+    def write(self, step: int) -> dict:
+        fetched = to_host(self.pending)
+        elapsed = time.perf_counter() - self.since
+        n = max(self.timed_steps, 1)
+        qsum = np.sum([m["quartile_sum"] for m in fetched], axis=0)
+        qcount = np.sum([m["quartile_count"] for m in fetched], axis=0)
+        record = {
+            "step": step,
+            "loss": float(np.mean([m["loss"] for m in fetched])),
+            **{f"loss_q{i}": float(qsum[i] / qcount[i]) if qcount[i] else None for i in range(4)},
+            "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+            "lr": float(fetched[-1]["lr"]),
+            "img_per_s": n * self.global_batch / elapsed,
+            "step_ms": 1000 * elapsed / n,
+        }
+        if self.compile_s is not None and not self.written:
+            record["compile_s"] = self.compile_s
+            self.written = True
+        if float(fetched[-1]["loss_scale"]) != 1.0:
+            record["loss_scale"] = float(fetched[-1]["loss_scale"])
+        stats = jax.local_devices()[0].memory_stats() or {}
+        if "bytes_in_use" in stats:
+            record["memory_gb"] = stats["bytes_in_use"] / 1e9
+            record["peak_memory_gb"] = stats.get("peak_bytes_in_use", 0) / 1e9
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.pending, self.since, self.timed_steps = [], time.perf_counter(), 0
+        return record
+
+
+def _prepare_workdir(workdir: Path, resume: bool) -> None:
+    if resume:
+        if not (workdir / "checkpoints").is_dir():
+            raise UserError(f"--resume: {workdir} holds no checkpoints to resume from; start it without --resume.")
+    elif workdir.exists() and any(workdir.iterdir()):
+        raise UserError(
+            f"the run directory {workdir} already exists and is not empty; pass --resume to continue that "
+            f"run, or choose another --workdir. Nothing was changed."
+        )
+
+
+def train(run: RunConfig, workdir: Path, source: BatchSource, objective: Objective, *, resume: bool = False,
+          record: dict | None = None, progress: bool = True) -> dict:
+    """Trains run.model with run.train from `source`; returns the summary also written to summary.json.
+
+    Only process 0 writes config.json, metrics.jsonl and summary.json; every process takes part in
+    checkpoint saves. SIGTERM saves a checkpoint and returns with summary["preempted"] = True.
+    """
+    cfg = run.train
+    workdir = Path(workdir)
+    _prepare_workdir(workdir, resume)
+    lead = jax.process_index() == 0
+    mesh = data_mesh()
+    local_batch_size(cfg.batch_size)  # fails early if the batch does not split over the devices
+    optimizer, schedule = create_optimizer(cfg)
+    graphdef, state = init_state(run.model, cfg, optimizer)
+    state = jax.device_put(state, replicated(mesh))
+    checkpoints = Checkpoints(workdir / "checkpoints", cfg)
+    if resume:
+        last = checkpoints.latest_step()
+        if last is None:
+            raise UserError(f"--resume: no finished checkpoint in {workdir / 'checkpoints'}.")
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+        state, meta = checkpoints.restore(last, abstract)
+        source.set_state(meta["data"])
+    elif lead:
+        workdir.mkdir(parents=True, exist_ok=True)
+        params = sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))
+        (workdir / "config.json").write_text(json.dumps(
+            {**to_dict(run), "params": params, **(record or {})}, indent=2))
+    step = int(to_host(state["step"]))
+    last_saved = step if resume else None
+    train_step = make_train_step(graphdef, objective, optimizer, schedule, cfg,
+                                 dynamic_loss_scale=run.model.dtype == "float16", mesh=mesh)
+    log = _Log(workdir / "metrics.jsonl" if lead else None, cfg.batch_size)
+    first_unchecked = step + 1
+    last_record: dict = {}
+    preempted = False
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and lead), desc="train", unit="step")
+    try:
+        with _Preemption() as preemption:
+            while step < cfg.steps:
+                state, metrics = train_step(state, global_batch(mesh, source.next()))
+                step += 1
+                log.add(metrics)
+                bar.update(1)
+                at_log = step % cfg.log_every == 0 or step == cfg.steps
+                at_save = step % cfg.ckpt_every == 0 or step == cfg.steps
+                stop = preemption.agreed() if (jax.process_count() == 1 or at_log) else False
+                if at_log or at_save or stop:
+                    log.check_finite(first_unchecked, last_saved, workdir)  # never save a diverged state
+                if at_save or stop:
+                    checkpoints.save(step, state, {"data": source.get_state(), "config": to_dict(run)})
+                    last_saved = step
+                if at_log or stop:
+                    last_record = log.write(step)
+                    first_unchecked = step + 1
+                    bar.set_postfix(loss=f"{last_record['loss']:.4f}", img_s=f"{last_record['img_per_s']:.1f}")
+                if stop:
+                    preempted = True
+                    break
+    finally:
+        # Whatever stops the loop, checkpoints already started are finished, never left half-written.
+        bar.close()
+        checkpoints.wait()
+        checkpoints.close()
+    summary = {"final_step": step, "preempted": preempted, "params_sha256": params_sha256(state["ema"]),
+               "last_metrics": last_record}
+    if lead and not preempted:
+        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
