@@ -1,4 +1,4 @@
-"""`python -m dit.bench train --variant NAME --batch N [--steps K] [--json]`: the training step's speed.
+"""`python -m dit.bench train|sample --variant NAME --batch N [--steps K] [--json]`: training and sampling speed.
 
 Times the jitted, data-parallel training step (model, objective, AdamW, EMA: the real step) on
 synthetic latents, on whatever backend JAX sees. Model FLOPs come from the analytic count
@@ -85,6 +85,39 @@ def bench_train(variant: str, batch: int, steps: int, dtype: str | None, objecti
     }
 
 
+def bench_sample(variant: str, batch: int, steps: int, dtype: str | None, objective: str, sampler: str) -> dict:
+    """Times class-balanced sampling of one batch through `steps` sampler steps (cfg scale 1)."""
+    from flax import nnx
+
+    from dit.config import EvalConfig
+    from dit.model import DiT
+    from dit.sample import generate
+    from variants import resolve
+
+    backend = jax.default_backend()
+    dtype = dtype or ("float32" if backend == "cpu" else "bfloat16")
+    model = dataclasses.replace(resolve(variant), dtype=dtype)
+    graphdef, params = nnx.split(DiT(model, rngs=nnx.Rngs(0)))
+    eval_cfg = EvalConfig(num_samples=batch, batch_size=batch, sampling_steps=steps, sampler=sampler)
+    train_cfg = TrainConfig(objective=objective)
+    start = time.perf_counter()
+    generate(graphdef, params, model, train_cfg, eval_cfg, seed=0, progress=False)
+    first = time.perf_counter() - start
+    times = []
+    for seed in (1, 2):
+        start = time.perf_counter()
+        generate(graphdef, params, model, train_cfg, eval_cfg, seed=seed, progress=False)
+        times.append(time.perf_counter() - start)
+    batch_s = min(times)
+    return {
+        "backend": backend, "device_kind": jax.devices()[0].device_kind, "devices": jax.device_count(),
+        "variant": variant, "batch": batch, "dtype": dtype, "objective": objective,
+        "sampler": sampler or ("ddpm" if objective == "ddpm" else "sde"), "sampling_steps": steps,
+        "compile_s": first - batch_s, "batch_s": batch_s, "img_per_s": batch / batch_s,
+        "step_ms": 1000 * batch_s / steps,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dit.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
                        help="compute dtype (default: float32 on CPU, bfloat16 elsewhere)")
     train.add_argument("--objective", choices=["ddpm", "flow"], default="ddpm")
     train.add_argument("--json", action="store_true", help="print one JSON object")
+    sample = sub.add_parser("sample", help="time sampling one batch")
+    sample.add_argument("--variant", default="baseline")
+    sample.add_argument("--batch", type=int, default=8, help="global batch size")
+    sample.add_argument("--steps", type=int, default=10, help="sampler steps")
+    sample.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    sample.add_argument("--objective", choices=["ddpm", "flow"], default="ddpm")
+    sample.add_argument("--sampler", choices=["", "ddpm", "ddim", "euler", "heun", "sde"], default="")
+    sample.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
         if args.batch <= 0 or args.steps <= 0:
@@ -104,12 +145,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.batch % jax.device_count():
             raise UserError(f"--batch {args.batch} does not split over {jax.device_count()} devices; "
                             f"use a multiple of {jax.device_count()}.")
-        result = bench_train(args.variant, args.batch, args.steps, args.dtype, args.objective)
+        if args.what == "train":
+            result = bench_train(args.variant, args.batch, args.steps, args.dtype, args.objective)
+        else:
+            result = bench_sample(args.variant, args.batch, args.steps, args.dtype, args.objective, args.sampler)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     if args.json:
         print(json.dumps(result))
+    elif args.what == "sample":
+        print(f"{result['variant']} sampling batch {result['batch']} ({result['sampler']}, {result['sampling_steps']} "
+              f"steps, {result['dtype']}) on {result['devices']}x {result['device_kind']}: {result['batch_s']:.2f} s "
+              f"per batch, {result['img_per_s']:.2f} img/s, {result['step_ms']:.1f} ms per step")
     else:
         mfu = "n/a (unknown peak)" if result["mfu"] is None else f"{100 * result['mfu']:.1f}%"
         print(f"{result['variant']} batch {result['batch']} {result['dtype']} on {result['devices']}x "

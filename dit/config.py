@@ -161,17 +161,27 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """FID evaluation during and after training."""
+    """Sampling and FID evaluation during and after training."""
 
     every: int = 50_000
-    num_samples: int = 10_000
+    num_samples: int = 10_000  # class-balanced over all classes
+    sampler: str = ""  # "" = the objective's default: ddpm -> ddpm; flow -> sde (SiT's); or ddim, euler, heun
     sampling_steps: int = 250
+    ddim_eta: float = 0.0
     cfg_scale: float = 1.0
+    guided_channels: int = 3  # DiT guides the first 3 latent channels; 0 guides all of them
+    guidance_low: float = 0.0  # guidance acts only at noise levels in [low, high] (fractions of the
+    guidance_high: float = 1.0  # objective's time axis, 1 = pure noise): the guidance interval
+    batch_size: int = 64  # global sampling batch
 
     def __post_init__(self) -> None:
-        for name in ("every", "num_samples", "sampling_steps"):
+        for name in ("every", "num_samples", "sampling_steps", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"eval.{name}={getattr(self, name)} must be a positive integer.")
+        if self.sampler not in ("", "ddpm", "ddim", "euler", "heun", "sde"):
+            raise ConfigError(f"eval.sampler={self.sampler!r} is not one of ddpm, ddim, euler, heun, sde.")
+        if not 0.0 <= self.guidance_low <= self.guidance_high <= 1.0:
+            raise ConfigError("eval.guidance_low and eval.guidance_high must satisfy 0 <= low <= high <= 1.")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,134 @@
+"""Class-balanced sampling with the EMA parameters, sharded over all devices, deterministic for a seed.
+
+Writes what evaluators need: a PNG grid for people and an ADM-style `.npz` (`arr_0`, uint8 NHWC) for
+external FID tools. Latents become images through a decoder (`PixelDecoder` for pixel-space data;
+the SD-VAE decoder for latents).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image
+from tqdm.auto import tqdm
+
+from dit.config import EvalConfig, ModelConfig, TrainConfig
+from dit.diffusion import create_diffusion
+from dit.errors import UserError
+from dit.flow import create_flow
+from dit.guidance import guided_model_fn
+from dit.mesh import batch_sharded, data_mesh, replicated
+
+
+class Decoder(Protocol):
+    def decode(self, latents: jax.Array) -> jax.Array: ...  # model space -> images in [-1, 1], NHWC
+
+
+class PixelDecoder:
+    """For models trained in pixel space: the samples already are images in [-1, 1]."""
+
+    def decode(self, latents: jax.Array) -> jax.Array:
+        return latents
+
+
+def to_uint8(images: jax.Array) -> jax.Array:
+    """[-1, 1] -> uint8 as DiT's sampler does (127.5 x + 128, clipped, truncated)."""
+    return jnp.clip(127.5 * images + 128.0, 0, 255).astype(jnp.uint8)
+
+
+def make_sampler(model_cfg: ModelConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig) -> Callable:
+    """sampler(model_fn, noise, key, y) -> samples, for the run's objective and the eval settings."""
+    name = eval_cfg.sampler or ("ddpm" if train_cfg.objective == "ddpm" else "sde")
+    steps = eval_cfg.sampling_steps
+    if train_cfg.objective == "ddpm":
+        if name not in ("ddpm", "ddim"):
+            raise UserError(f"eval.sampler={name!r} does not fit train.objective=ddpm; use ddpm or ddim.")
+        diffusion = create_diffusion(str(steps), learn_sigma=model_cfg.learn_sigma)
+        to_model_time = lambda level: level * diffusion.timestep_map.max()
+        if name == "ddpm":
+            loop = lambda fn, noise, key: diffusion.p_sample_loop(fn, noise.shape, key, noise=noise)
+        else:
+            loop = lambda fn, noise, key: diffusion.ddim_sample_loop(fn, noise.shape, key, eta=eval_cfg.ddim_eta,
+                                                                     noise=noise)
+    else:
+        if name not in ("euler", "heun", "sde"):
+            raise UserError(f"eval.sampler={name!r} does not fit train.objective=flow; use euler, heun or sde.")
+        flow = create_flow()
+        to_model_time = lambda level: 1.0 - level  # SiT's time: 0 is noise
+        if name == "sde":
+            loop = lambda fn, noise, key: flow.sample_sde(fn, noise.shape, key, steps=steps, noise=noise)
+        else:
+            loop = lambda fn, noise, key: flow.sample_ode(fn, noise.shape, key, steps=steps, method=name,
+                                                          noise=noise)
+    low, high = sorted((to_model_time(eval_cfg.guidance_low), to_model_time(eval_cfg.guidance_high)))
+    interval = None if (eval_cfg.guidance_low, eval_cfg.guidance_high) == (0.0, 1.0) else (low, high)
+    channels = eval_cfg.guided_channels or model_cfg.in_channels
+
+    def sampler(model_fn, noise, key, y):
+        fn = guided_model_fn(model_fn, eval_cfg.cfg_scale, model_cfg.num_classes, channels, interval)
+        return loop(lambda x, t: fn(x, t, y), noise, key)
+
+    return sampler
+
+
+def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
+    """num_samples labels cycling through the classes: every class gets the same count (+-1)."""
+    return np.arange(num_samples) % num_classes
+
+
+def generate(graphdef, params, model_cfg: ModelConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig, *,
+             seed: int, num_samples: int | None = None, decoder: Decoder | None = None,
+             progress: bool = True) -> np.ndarray:
+    """num_samples (default eval.num_samples) class-balanced uint8 images (N, H, W, C), deterministic for
+    the seed whatever the device count: batch i uses key fold_in(seed, i)."""
+    num_samples = num_samples or eval_cfg.num_samples
+    decoder = decoder or PixelDecoder()
+    mesh = data_mesh()
+    batch = eval_cfg.batch_size
+    if batch % jax.device_count():
+        raise UserError(f"eval.batch_size={batch} does not split over {jax.device_count()} devices.")
+    sampler = make_sampler(model_cfg, train_cfg, eval_cfg)
+    params = jax.device_put(params, replicated(mesh))
+    shape = (batch, model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
+
+    @jax.jit
+    def sample_batch(params, key, y):
+        model = nnx.merge(graphdef, params)
+        key_noise, key_sampler = jax.random.split(key)
+        noise = jax.lax.with_sharding_constraint(jax.random.normal(key_noise, shape), batch_sharded(mesh))
+        return to_uint8(decoder.decode(sampler(lambda x, t, y: model(x, t, y), noise, key_sampler, y)))
+
+    labels = balanced_labels(num_samples, model_cfg.num_classes)
+    out = []
+    for i in tqdm(range(math.ceil(num_samples / batch)), disable=not progress, desc="sample", unit="batch"):
+        y = np.resize(labels[i * batch:(i + 1) * batch], batch)  # the last batch is padded, then cut
+        y = jax.device_put(jnp.asarray(y), batch_sharded(mesh))
+        images = sample_batch(params, jax.random.fold_in(jax.random.PRNGKey(seed), i), y)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            images = multihost_utils.process_allgather(images, tiled=True)
+        out.append(np.asarray(images))
+    return np.concatenate(out)[:num_samples]
+
+
+def save_grid(images: np.ndarray, path: Path, columns: int | None = None) -> None:
+    """uint8 (N, H, W, C) images as one PNG grid, `columns` wide (default about square), 2px gaps."""
+    n, h, w, c = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = np.full((rows * (h + 2) + 2, columns * (w + 2) + 2, c), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + col * (w + 2): 2 + col * (w + 2) + w] = image
+    Image.fromarray(grid[..., 0] if c == 1 else grid[..., :3]).save(path)
+
+
+def save_npz(images: np.ndarray, path: Path) -> None:
+    """The sample batch as ADM's evaluator reads it: `arr_0`, uint8 NHWC."""
+    np.savez(path, arr_0=images)

@@ -1,0 +1,89 @@
+"""Sampling: determinism, class balance, the objective's samplers, guidance, and the written files."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from dit.config import EvalConfig, TrainConfig
+from dit.diffusion import create_diffusion
+from dit.sample import balanced_labels, generate, make_sampler, save_grid, save_npz, to_uint8
+from tests.helpers import TINY, randomized
+
+EVAL = EvalConfig(num_samples=12, sampling_steps=5, batch_size=8)
+
+
+class Shrink:
+    """A decoder that scales a random model's wild samples into [-1, 1], so uint8 images still differ."""
+
+    def decode(self, latents):
+        return latents / jnp.max(jnp.abs(latents), axis=(1, 2, 3), keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    graphdef, params = nnx.split(randomized(TINY))
+    return graphdef, params
+
+
+def test_deterministic_for_a_seed_and_different_across_seeds(model):
+    a = generate(*model, TINY, TrainConfig(), EVAL, seed=0, decoder=Shrink(), progress=False)
+    b = generate(*model, TINY, TrainConfig(), EVAL, seed=0, decoder=Shrink(), progress=False)
+    c = generate(*model, TINY, TrainConfig(), EVAL, seed=1, decoder=Shrink(), progress=False)
+    assert a.shape == (12, 8, 8, 4) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert np.mean(a != c) > 0.5
+
+
+def test_first_batch_equals_the_diffusion_sampler_on_the_conditional_model(model):
+    graphdef, params = model
+    out = generate(graphdef, params, TINY, TrainConfig(), dataclasses.replace(EVAL, num_samples=8), seed=3,
+                   progress=False)
+    diffusion = create_diffusion("5")
+    key_noise, key_sampler = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(3), 0))
+    noise = jax.random.normal(key_noise, (8, 8, 8, 4))
+    y = jnp.asarray(balanced_labels(8, TINY.num_classes))
+    net = nnx.merge(graphdef, params)
+    expected = diffusion.p_sample_loop(lambda x, t: net(x, t, y), noise.shape, key_sampler, noise=noise)
+    diff = np.abs(out.astype(int) - np.asarray(to_uint8(expected)).astype(int))
+    assert diff.max() <= 1  # the same computation sharded over 8 devices: at most a rounding step apart
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "sde"])
+def test_samplers_guidance_and_its_interval_change_the_samples(model, sampler):
+    graphdef, params = model
+    net = nnx.merge(graphdef, params)
+    train = TrainConfig(objective="ddpm" if sampler == "ddim" else "flow")
+    noise = jax.random.normal(jax.random.key(0), (8, 8, 8, 4))
+    y = jnp.arange(8)
+    outputs = {}
+    for name, scale, low, high in [("plain", 1.0, 0.0, 1.0), ("guided", 4.0, 0.0, 1.0), ("interval", 4.0, 0.2, 0.8)]:
+        cfg = dataclasses.replace(EVAL, sampler=sampler, cfg_scale=scale, guidance_low=low, guidance_high=high)
+        run = make_sampler(TINY, train, cfg)
+        outputs[name] = np.asarray(run(lambda x, t, y: net(x, t, y), noise, jax.random.PRNGKey(0), y))
+    assert outputs["plain"].shape == (8, 8, 8, 4)
+    for a, b in [("plain", "guided"), ("plain", "interval"), ("guided", "interval")]:
+        rel = np.abs(outputs[a] - outputs[b]).max() / np.abs(outputs[a]).max()
+        assert rel > 1e-4, (a, b, rel)
+    images = generate(graphdef, params, TINY, train, dataclasses.replace(EVAL, sampler=sampler), seed=0,
+                      decoder=Shrink(), progress=False)
+    assert images.shape == (12, 8, 8, 4)
+
+
+def test_balanced_labels():
+    counts = np.bincount(balanced_labels(1000, 100), minlength=100)
+    assert counts.min() == counts.max() == 10
+
+
+def test_files(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (5, 6, 6, 3), dtype=np.uint8)
+    save_npz(images, tmp_path / "samples.npz")
+    np.testing.assert_array_equal(np.load(tmp_path / "samples.npz")["arr_0"], images)
+    save_grid(images, tmp_path / "grid.png", columns=3)
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (2 * 8 + 2, 3 * 8 + 2, 3)
+    np.testing.assert_array_equal(grid[2:8, 10:16], images[1])
