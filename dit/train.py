@@ -241,6 +241,25 @@ def _prepare_workdir(workdir: Path, resume: bool) -> None:
         )
 
 
+def _agreed_resume_step(latest: int | None, workdir: Path) -> int:
+    """The step every process resumes from; processes that found different latest steps (local
+    checkpoint directories out of step) stop with an error instead of training apart."""
+    steps = [-1 if latest is None else latest]
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        steps = [int(s) for s in multihost_utils.process_allgather(np.asarray(steps[0]))]
+    if len(set(steps)) > 1:
+        found = ", ".join(f"process {i}: {'none' if s < 0 else s}" for i, s in enumerate(steps))
+        raise UserError(
+            f"--resume: the processes found different latest checkpoints ({found}). Copy the newest "
+            f"common checkpoint into every process's directory under {workdir / 'checkpoints'} (or delete "
+            f"the newer ones) so that all processes resume from the same step."
+        )
+    if steps[0] < 0:
+        raise UserError(f"--resume: no finished checkpoint in {workdir / 'checkpoints'}.")
+    return steps[0]
+
+
 def train(run: RunConfig, workdir: Path, source: BatchSource, objective: Objective, *, resume: bool = False,
           record: dict | None = None, progress: bool = True) -> dict:
     """Trains run.model with run.train from `source`; returns the summary also written to summary.json.
@@ -259,9 +278,7 @@ def train(run: RunConfig, workdir: Path, source: BatchSource, objective: Objecti
     state = jax.device_put(state, replicated(mesh))
     checkpoints = Checkpoints(workdir / "checkpoints", cfg)
     if resume:
-        last = checkpoints.latest_step()
-        if last is None:
-            raise UserError(f"--resume: no finished checkpoint in {workdir / 'checkpoints'}.")
+        last = _agreed_resume_step(checkpoints.latest_step(), workdir)
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
         state, meta = checkpoints.restore(last, abstract)
         source.set_state(meta["data"])

@@ -24,15 +24,20 @@ def losses(workdir: Path) -> list[float]:
     return [json.loads(l)["loss"] for l in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+def run_two(workdir: Path, steps: int, *flags: str):
+    coordinator = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen([sys.executable, str(SCRIPT), str(workdir), str(steps), "--coordinator", coordinator,
+                               "--num-processes", "2", "--process-id", str(i), *flags],
+                              env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    return procs, [p.communicate(timeout=300) for p in procs]
+
+
 def test_two_processes_match_one_process(tmp_path):
     single = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "one"), "6"], env=env(4),
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
-    coordinator = f"127.0.0.1:{free_port()}"
-    procs = [subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path / "two"), "6", coordinator, "2", str(i)],
-                              env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for i in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
+    procs, outs = run_two(tmp_path / "two", 6)
     for p, (out, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     # Same global batch, 4 devices either way: the loss trajectories agree to float32 rounding.
@@ -44,3 +49,16 @@ def test_two_processes_match_one_process(tmp_path):
     shas = {line for out, _ in outs for line in out.splitlines() if line.startswith("SHA")}
     assert len(shas) == 1
     assert (tmp_path / "two" / "checkpoints").is_dir()
+
+
+def test_local_checkpoints_per_process_and_resume_agreement(tmp_path):
+    procs, outs = run_two(tmp_path / "run", 4, "--local")
+    assert all(p.returncode == 0 for p in procs), outs[1][1][-3000:]
+    for i in range(2):
+        assert (tmp_path / "run" / "checkpoints" / f"process_{i}" / "4").is_dir()
+    # Process 1 loses its newest checkpoint: resuming must refuse rather than train out of step.
+    import shutil
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "process_1" / "4")
+    procs, outs = run_two(tmp_path / "run", 6, "--local", "--resume")
+    assert [p.returncode for p in procs] == [2, 2]
+    assert "process 0: 4, process 1: none" in outs[0][1] or "process 0: 4, process 1: 2" in outs[0][1]

@@ -138,3 +138,25 @@ def test_optimizer_schedule_warmup_and_cosine():
     _, schedule = create_optimizer(TrainConfig(steps=100, lr=1.0, warmup_steps=10, schedule="cosine"))
     assert float(schedule(0)) == 0.0 and float(schedule(5)) == pytest.approx(0.5)
     assert float(schedule(10)) == pytest.approx(1.0) and float(schedule(100)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_float16_dynamic_loss_scale_skips_overflowing_steps():
+    run = run_config()
+    run = RunConfig(model=RunConfig().model.__class__(**{**MODEL.__dict__, "dtype": "float16"}), train=run.train)
+    optimizer, schedule = create_optimizer(run.train)
+    mesh = data_mesh(jax.devices()[:1])
+    graphdef, state = init_state(run.model, run.train, optimizer)
+    state = jax.device_put(state, replicated(mesh))
+    step = make_train_step(graphdef, make_objective(run), optimizer, schedule, run.train, True, mesh)
+    x, y = toy_data(8)
+    before = to_host(state["params"])
+    assert float(to_host(state["loss_scale"])) == 2.0**15
+    state, _ = step(state, global_batch(mesh, (x * 1e6, y)))  # float16 overflows: the step is skipped
+    after = to_host(state)
+    assert float(after["loss_scale"]) == 2.0**14
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after["params"])):
+        np.testing.assert_array_equal(a, b)
+    state, metrics = step(state, global_batch(mesh, (x, y)))
+    after = to_host(state)
+    assert np.isfinite(float(to_host(metrics["loss"]))) and float(after["loss_scale"]) == 2.0**14
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after["params"])))
