@@ -53,6 +53,7 @@ class ModelConfig:
     stem: str = "linear"  # linear: patchify as one linear layer; conv: two 3x3 convs, then patchify
     conv_stem_width: int = 64
     dtype: str = "float32"  # compute dtype of matrix products; parameters stay float32
+    scan_blocks: bool = True  # run the blocks as one lax.scan (same parameters, faster to train and compile)
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():

@@ -38,12 +38,14 @@ def _macs(jaxpr) -> int:
             out = eqn.outvars[0].aval.shape
             out_features = out[eqn.params["dimension_numbers"].out_spec[1]]
             total += math.prod(out) * math.prod(rhs) // out_features
-        for param in eqn.params.values():  # nested jaxprs: jit, custom_jvp, scan bodies ...
+        # Nested jaxprs (jit, custom_jvp, ...); a scan body runs `length` times.
+        repeat = eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1
+        for param in eqn.params.values():
             for sub in param if isinstance(param, (tuple, list)) else (param,):
                 if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    total += _macs(sub.jaxpr)
+                    total += repeat * _macs(sub.jaxpr)
                 elif isinstance(sub, jax.extend.core.Jaxpr):
-                    total += _macs(sub)
+                    total += repeat * _macs(sub)
     return total
 
 

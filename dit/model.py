@@ -95,8 +95,16 @@ class DiT(nnx.Module):
             h = h + jnp.asarray(sincos_pos_embed_2d(cfg.hidden_size, cfg.grid_size))
         c = self.t_embedder(t) + self.y_embedder(y, dropout_key)
         shared = self.shared_adaln(nnx.silu(c)) if self.shared_adaln is not None else None
-        for block in self.blocks:
-            h = block(h, c, shared, rope_angles)
+        if cfg.scan_blocks:
+            # One lax.scan over the blocks' stacked parameters. Without the loop boundary XLA fuses the
+            # residual stream across all blocks and recomputes it in every consumer (quadratic in
+            # depth): on the CPU the scanned step trains DiT-S/2 about 1.5x faster and compiles faster.
+            block_def, _ = nnx.split(self.blocks[0])
+            stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.split(b)[1] for b in self.blocks))
+            h, _ = jax.lax.scan(lambda h, s: (nnx.merge(block_def, s)(h, c, shared, rope_angles), None), h, stacked)
+        else:
+            for block in self.blocks:
+                h = block(h, c, shared, rope_angles)
         out = self.final_layer(h, c)
         return unpatchify(out, cfg.patch_size, cfg.out_channels).astype(jnp.float32)
 

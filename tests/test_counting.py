@@ -24,3 +24,10 @@ def test_gflops_match_the_paper(name, gflops):
 def test_xl2_gflops_within_a_hair_of_the_paper():
     # We count 118.62 (every matrix product of the forward); the paper lists 118.64.
     assert count_gflops(dit_config("XL/2")) == pytest.approx(118.64, abs=0.03)
+
+
+def test_scanned_and_unrolled_blocks_count_the_same():
+    import dataclasses
+    cfg = dit_config("S/2")
+    assert count_gflops(dataclasses.replace(cfg, scan_blocks=True)) == count_gflops(
+        dataclasses.replace(cfg, scan_blocks=False))

@@ -128,3 +128,11 @@ def test_guided_model_fn_with_scale_one_is_conditional_and_interval_switches_it_
     out = guided_model_fn(fn, 3.0, TINY.num_classes, interval=(0, 600))(x, t_hi, y)
     np.testing.assert_allclose(out[0], model(x, t_hi, y)[0], atol=1e-5)  # outside the interval: conditional
     assert not np.allclose(out[1], model(x, t_hi, y)[1], atol=1e-3)
+
+
+def test_scanned_blocks_equal_the_python_loop():
+    scanned = randomized(dataclasses.replace(TINY, depth=3, scan_blocks=True))
+    looped = DiT(dataclasses.replace(TINY, depth=3, scan_blocks=False), rngs=nnx.Rngs(1))
+    nnx.update(looped, nnx.state(scanned))
+    x, t, y = batch(TINY)
+    np.testing.assert_allclose(scanned(x, t, y), looped(x, t, y), rtol=1e-5, atol=1e-5)
