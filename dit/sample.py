@@ -7,6 +7,7 @@ the SD-VAE decoder for latents).
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Callable, Protocol
@@ -35,6 +36,9 @@ class PixelDecoder:
 
     def decode(self, latents: jax.Array) -> jax.Array:
         return latents
+
+
+PIXELS = PixelDecoder()
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
@@ -82,20 +86,13 @@ def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
     return np.arange(num_samples) % num_classes
 
 
-def generate(graphdef, params, model_cfg: ModelConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig, *,
-             seed: int, num_samples: int | None = None, decoder: Decoder | None = None,
-             progress: bool = True) -> np.ndarray:
-    """num_samples (default eval.num_samples) class-balanced uint8 images (N, H, W, C), deterministic for
-    the seed whatever the device count: batch i uses key fold_in(seed, i)."""
-    num_samples = num_samples or eval_cfg.num_samples
-    decoder = decoder or PixelDecoder()
-    mesh = data_mesh()
-    batch = eval_cfg.batch_size
-    if batch % jax.device_count():
-        raise UserError(f"eval.batch_size={batch} does not split over {jax.device_count()} devices.")
+@functools.lru_cache(maxsize=16)
+def _batch_sampler(graphdef, model_cfg: ModelConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig,
+                   decoder: Decoder, mesh) -> Callable:
+    """The jitted (params, key, labels) -> uint8 images of one batch; cached, so evaluations during a
+    run compile once."""
     sampler = make_sampler(model_cfg, train_cfg, eval_cfg)
-    params = jax.device_put(params, replicated(mesh))
-    shape = (batch, model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
+    shape = (eval_cfg.batch_size, model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
 
     @jax.jit
     def sample_batch(params, key, y):
@@ -104,6 +101,22 @@ def generate(graphdef, params, model_cfg: ModelConfig, train_cfg: TrainConfig, e
         noise = jax.lax.with_sharding_constraint(jax.random.normal(key_noise, shape), batch_sharded(mesh))
         return to_uint8(decoder.decode(sampler(lambda x, t, y: model(x, t, y), noise, key_sampler, y)))
 
+    return sample_batch
+
+
+def generate(graphdef, params, model_cfg: ModelConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig, *,
+             seed: int, num_samples: int | None = None, decoder: Decoder | None = None,
+             progress: bool = True) -> np.ndarray:
+    """num_samples (default eval.num_samples) class-balanced uint8 images (N, H, W, C), deterministic for
+    the seed whatever the device count: batch i uses key fold_in(seed, i)."""
+    num_samples = num_samples or eval_cfg.num_samples
+    decoder = decoder or PIXELS
+    mesh = data_mesh()
+    batch = eval_cfg.batch_size
+    if batch % jax.device_count():
+        raise UserError(f"eval.batch_size={batch} does not split over {jax.device_count()} devices.")
+    params = jax.device_put(params, replicated(mesh))
+    sample_batch = _batch_sampler(graphdef, model_cfg, train_cfg, eval_cfg, decoder, mesh)
     labels = balanced_labels(num_samples, model_cfg.num_classes)
     out = []
     for i in tqdm(range(math.ceil(num_samples / batch)), disable=not progress, desc="sample", unit="batch"):
