@@ -6,6 +6,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from dit.errors import UserError
+
 BATCH_AXIS = "batch"
 
 
@@ -27,7 +29,7 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 def local_batch_size(global_batch: int) -> int:
     """This process's share of the global batch; the global batch must split evenly over devices."""
     if global_batch % jax.device_count():
-        raise ValueError(
+        raise UserError(
             f"train.batch_size={global_batch} does not split evenly over {jax.device_count()} devices; "
             f"use a multiple of {jax.device_count()}."
         )

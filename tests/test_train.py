@@ -160,3 +160,10 @@ def test_float16_dynamic_loss_scale_skips_overflowing_steps():
     after = to_host(state)
     assert np.isfinite(float(to_host(metrics["loss"]))) and float(after["loss_scale"]) == 2.0**14
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after["params"])))
+
+
+def test_batch_that_does_not_split_over_devices_is_a_clear_error(tmp_path):
+    run = RunConfig(model=MODEL, train=TrainConfig(steps=2, batch_size=12))  # 8 devices
+    with pytest.raises(UserError, match="multiple of 8"):
+        train(run, tmp_path / "run", source(), make_objective(run), progress=False)
+    assert not (tmp_path / "run").exists()
