@@ -14,8 +14,7 @@ def run(*args):
 
 
 def test_train_bench_json_fields_are_consistent():
-    # A tiny variant keeps this fast: shared_adaln with the model override is not registered, so use
-    # the smallest registered-size run the CLI allows: baseline at batch 8, one timed step.
+    # The full-size DiT-S/2 step at batch 8 with one timed step: the cheapest run the contract's CLI allows.
     out = run("train", "--variant", "baseline", "--batch", "8", "--steps", "1", "--json")
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
