@@ -7,7 +7,6 @@ created, so an over-budget variant exits 2 having written nothing.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path

@@ -38,22 +38,24 @@ def peak_flops(device_kind: str) -> float | None:
     return None
 
 
-def bench_train(variant: str, batch: int, steps: int, dtype: str | None, objective: str) -> dict:
-    from dit.mesh import data_mesh, global_batch, replicated
-    from dit.objectives import make_objective
-    from dit.train import create_optimizer, init_state, make_train_step
+def _variant_model(variant: str, dtype: str | None):
+    """The variant's full-size config with the compute dtype (default: float32 on CPU, bfloat16 elsewhere)."""
     from variants import resolve
 
+    dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    return dataclasses.replace(resolve(variant), dtype=dtype)
+
+
+def bench_train(variant: str, batch: int, steps: int, dtype: str | None, objective: str) -> dict:
+    from dit.mesh import data_mesh, global_batch
+    from dit.objectives import make_objective
+    from dit.train import build_training
+
     backend = jax.default_backend()
-    dtype = dtype or ("float32" if backend == "cpu" else "bfloat16")
-    model = dataclasses.replace(resolve(variant), dtype=dtype)
+    model = _variant_model(variant, dtype)
     run = RunConfig(variant=variant, model=model, train=TrainConfig(batch_size=batch, objective=objective))
     mesh = data_mesh()
-    optimizer, schedule = create_optimizer(run.train)
-    graphdef, state = init_state(model, run.train, optimizer)
-    state = jax.device_put(state, replicated(mesh))
-    step = make_train_step(graphdef, make_objective(run), optimizer, schedule, run.train,
-                           dynamic_loss_scale=dtype == "float16", mesh=mesh)
+    _, state, step = build_training(run, make_objective(run), mesh)
     rng = np.random.default_rng(0)
     local = batch // jax.process_count()
     x = rng.normal(size=(local, model.input_size, model.input_size, model.in_channels)).astype(np.float32)
@@ -77,7 +79,7 @@ def bench_train(variant: str, batch: int, steps: int, dtype: str | None, objecti
     model_flops = flops_per_image * img_per_s
     return {
         "backend": backend, "device_kind": device_kind, "devices": jax.device_count(), "variant": variant,
-        "batch": batch, "dtype": dtype, "objective": objective, "steps": steps, "compile_s": compile_s,
+        "batch": batch, "dtype": model.dtype, "objective": objective, "steps": steps, "compile_s": compile_s,
         "step_ms": 1000 * step_s, "img_per_s": img_per_s, "model_tflops_per_s": model_flops / 1e12,
         "gflop_per_image": flops_per_image / 1e9,
         "peak_tflops": None if peak is None else peak * jax.device_count() / 1e12,
@@ -92,11 +94,9 @@ def bench_sample(variant: str, batch: int, steps: int, dtype: str | None, object
     from dit.config import EvalConfig
     from dit.model import DiT
     from dit.sample import generate
-    from variants import resolve
 
     backend = jax.default_backend()
-    dtype = dtype or ("float32" if backend == "cpu" else "bfloat16")
-    model = dataclasses.replace(resolve(variant), dtype=dtype)
+    model = _variant_model(variant, dtype)
     graphdef, params = nnx.split(DiT(model, rngs=nnx.Rngs(0)))
     eval_cfg = EvalConfig(num_samples=batch, batch_size=batch, sampling_steps=steps, sampler=sampler)
     train_cfg = TrainConfig(objective=objective)
@@ -111,7 +111,7 @@ def bench_sample(variant: str, batch: int, steps: int, dtype: str | None, object
     batch_s = min(times)
     return {
         "backend": backend, "device_kind": jax.devices()[0].device_kind, "devices": jax.device_count(),
-        "variant": variant, "batch": batch, "dtype": dtype, "objective": objective,
+        "variant": variant, "batch": batch, "dtype": model.dtype, "objective": objective,
         "sampler": sampler or ("ddpm" if objective == "ddpm" else "sde"), "sampling_steps": steps,
         "compile_s": first - batch_s, "batch_s": batch_s, "img_per_s": batch / batch_s,
         "step_ms": 1000 * batch_s / steps,

@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from dit.config import TrainConfig
+from dit.mesh import to_host
 
 
 class Checkpoints:
@@ -40,7 +41,9 @@ class Checkpoints:
             directory.mkdir(parents=True, exist_ok=True)  # orbax leaves this to us with active_processes
         options = ocp.CheckpointManagerOptions(
             create=not self.local,
-            enable_async_checkpointing=True,
+            # Per-process (active_processes) async saves race their own directory creation in orbax
+            # 0.12 (seen here: a missing tmp directory, about one run in three), so they are synchronous.
+            enable_async_checkpointing=not self.local,
             preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
             multiprocessing_options=multiprocessing,
         )
@@ -52,7 +55,7 @@ class Checkpoints:
     def save(self, step: int, state, meta: dict) -> None:
         """Starts an async save; the training loop goes on while it is written."""
         if self.local:
-            state = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), state)
+            state = to_host(state)
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
 

@@ -82,7 +82,7 @@ class ModelConfig:
                 f"must be divisible by 4, but it is {self.head_dim}; change model.hidden_size or model.num_heads."
             )
         if self.pos_embed == "sincos" and self.hidden_size % 4:
-            raise ConfigError(f"the 2D sin-cos position embedding needs model.hidden_size divisible by 4.")
+            raise ConfigError("the 2D sin-cos position embedding needs model.hidden_size divisible by 4.")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ConfigError(f"model.class_dropout_prob={self.class_dropout_prob} must lie in [0, 1).")
 

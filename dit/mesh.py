@@ -40,3 +40,8 @@ def global_batch(mesh: Mesh, local_arrays):
     """Each process's rows -> one global array per leaf, sharded along the batch axis."""
     sharding = batch_sharded(mesh)
     return jax.tree.map(lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), local_arrays)
+
+
+def to_host(tree):
+    """Replicated device arrays -> numpy, from this process's own copy (works multi-process too)."""
+    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else a, tree)

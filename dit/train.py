@@ -28,7 +28,7 @@ from dit.batches import BatchSource
 from dit.checkpoint import Checkpoints
 from dit.config import ModelConfig, RunConfig, TrainConfig, to_dict
 from dit.errors import UserError
-from dit.mesh import batch_sharded, data_mesh, global_batch, local_batch_size, replicated
+from dit.mesh import batch_sharded, data_mesh, global_batch, local_batch_size, replicated, to_host
 from dit.model import DiT
 
 # objective(model_fn, x0, y, key) -> (per-example loss (B,), time as a fraction in [0, 1] (B,))
@@ -124,9 +124,13 @@ def make_train_step(graphdef, objective: Objective, optimizer, schedule, train_c
                    out_shardings=(state_sharding, state_sharding), donate_argnums=0)
 
 
-def to_host(tree):
-    """Replicated device arrays -> numpy, from this process's own copy (works multi-process too)."""
-    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else a, tree)
+def build_training(run: RunConfig, objective: Objective, mesh):
+    """The model graph, the initial state (replicated over the mesh) and the jitted step of a run."""
+    optimizer, schedule = create_optimizer(run.train)
+    graphdef, state = init_state(run.model, run.train, optimizer)
+    step = make_train_step(graphdef, objective, optimizer, schedule, run.train,
+                           dynamic_loss_scale=run.model.dtype == "float16", mesh=mesh)
+    return graphdef, jax.device_put(state, replicated(mesh)), step
 
 
 def params_sha256(params) -> str:
@@ -188,7 +192,8 @@ class _Log:
             self.timed_steps += 1
 
     def check_finite(self, first_step: int, last_good: int | None, workdir: Path) -> None:
-        losses = np.asarray(to_host([m["loss"] for m in self.pending]))
+        self.pending = to_host(self.pending)  # one fetch; `write` then finds them on the host
+        losses = np.asarray([m["loss"] for m in self.pending])
         if not np.all(np.isfinite(losses)):
             bad = first_step + int(np.argmin(np.isfinite(losses)))
             kept = f"the last good checkpoint (step {last_good}) is kept in {workdir}" if last_good else \
@@ -273,9 +278,7 @@ def train(run: RunConfig, workdir: Path, source: BatchSource, objective: Objecti
     lead = jax.process_index() == 0
     mesh = data_mesh()
     local_batch_size(cfg.batch_size)  # fails early if the batch does not split over the devices
-    optimizer, schedule = create_optimizer(cfg)
-    graphdef, state = init_state(run.model, cfg, optimizer)
-    state = jax.device_put(state, replicated(mesh))
+    graphdef, state, train_step = build_training(run, objective, mesh)
     checkpoints = Checkpoints(workdir / "checkpoints", cfg)
     if resume:
         last = _agreed_resume_step(checkpoints.latest_step(), workdir)
@@ -289,8 +292,6 @@ def train(run: RunConfig, workdir: Path, source: BatchSource, objective: Objecti
             {**to_dict(run), "params": params, **(record or {})}, indent=2))
     step = int(to_host(state["step"]))
     last_saved = step if resume else None
-    train_step = make_train_step(graphdef, objective, optimizer, schedule, cfg,
-                                 dynamic_loss_scale=run.model.dtype == "float16", mesh=mesh)
     log = _Log(workdir / "metrics.jsonl" if lead else None, cfg.batch_size)
     first_unchecked = step + 1
     last_record: dict = {}

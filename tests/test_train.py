@@ -1,20 +1,21 @@
 """The training loop: learning, exact resume, preemption, NaN guard, run-directory safety, sharding."""
 
+import dataclasses
 import json
 import os
 import signal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dit.batches import ArrayBatches
 from dit.config import ModelConfig, RunConfig, TrainConfig
 from dit.errors import UserError
-from dit.mesh import data_mesh, global_batch, replicated
+from dit.mesh import data_mesh, global_batch
 from dit.objectives import make_objective
-from dit.train import TrainingDiverged, create_optimizer, init_state, make_train_step, to_host, train
+from dit.mesh import to_host
+from dit.train import TrainingDiverged, build_training, create_optimizer, train
 
 MODEL = ModelConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=4)
 
@@ -60,8 +61,7 @@ def source(**kwargs):
 @pytest.mark.parametrize("objective", ["ddpm", "flow"])
 def test_writes_run_files_and_loss_falls(tmp_path, objective):
     run = run_config(steps=150, objective=objective, lr=1e-3)
-    run = RunConfig(model=run.model, train=TrainConfig(**{**run.train.__dict__, "log_every": 50,
-                                                          "ckpt_every": 150}))
+    run = dataclasses.replace(run, train=dataclasses.replace(run.train, log_every=50, ckpt_every=150))
     summary = train(run, tmp_path / "run", source(), make_objective(run), progress=False)
     assert summary["final_step"] == 150 and len(summary["params_sha256"]) == 64
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -118,14 +118,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_one_device_and_eight_devices_give_the_same_step():
     assert jax.device_count() == 8
     run = run_config()
-    optimizer, schedule = create_optimizer(run.train)
     x, y = toy_data(8)
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = data_mesh(devices)
-        graphdef, state = init_state(run.model, run.train, optimizer)
-        state = jax.device_put(state, replicated(mesh))
-        step = make_train_step(graphdef, make_objective(run), optimizer, schedule, run.train, False, mesh)
+        _, state, step = build_training(run, make_objective(run), mesh)
         state, metrics = step(state, global_batch(mesh, (x, y)))
         results.append(to_host((metrics["loss"], state["params"])))
     (loss1, params1), (loss8, params8) = results
@@ -142,12 +139,9 @@ def test_optimizer_schedule_warmup_and_cosine():
 
 def test_float16_dynamic_loss_scale_skips_overflowing_steps():
     run = run_config()
-    run = RunConfig(model=RunConfig().model.__class__(**{**MODEL.__dict__, "dtype": "float16"}), train=run.train)
-    optimizer, schedule = create_optimizer(run.train)
+    run = RunConfig(model=dataclasses.replace(MODEL, dtype="float16"), train=run.train)
     mesh = data_mesh(jax.devices()[:1])
-    graphdef, state = init_state(run.model, run.train, optimizer)
-    state = jax.device_put(state, replicated(mesh))
-    step = make_train_step(graphdef, make_objective(run), optimizer, schedule, run.train, True, mesh)
+    _, state, step = build_training(run, make_objective(run), mesh)
     x, y = toy_data(8)
     before = to_host(state["params"])
     assert float(to_host(state["loss_scale"])) == 2.0**15
