@@ -144,6 +144,8 @@ class TrainConfig:
     keep_every: int = 0  # ... plus every K-th step for good (0: none)
     local_checkpoints: bool = False  # multi-host without a shared filesystem: each process keeps its own
     log_every: int = 100
+    tensorboard: bool = False  # also write the logged metrics as TensorBoard events (extra: tensorboard)
+    jax_smi: bool = True  # on GPUs, publish device memory for the `jax-smi` command to show live
 
     def __post_init__(self) -> None:
         choices = {"objective": ("ddpm", "flow"), "schedule": ("constant", "cosine"),
@@ -186,6 +188,21 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class DataConfig:
+    """Where training batches come from: a latent cache (fast), or images encoded on the fly."""
+
+    cache: str = ""  # latent cache directory from `python -m dit.data.extract`; "" = the preset's
+    images: str = ""  # on-the-fly instead of a cache: a dataset root whose images are encoded each step
+    vae: str = "stabilityai/sd-vae-ft-ema"  # the autoencoder for on-the-fly encoding and for decoding samples
+    resolution: int = 256  # on-the-fly center crop
+    workers: int = 0  # grain worker processes reading batches (0: in the training process)
+
+    def __post_init__(self) -> None:
+        if self.workers < 0 or self.resolution <= 0:
+            raise ConfigError("data.workers must be >= 0 and data.resolution positive.")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything a run needs: what `ablations/run.py` resolves and saves as config.json."""
 
@@ -194,6 +211,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
 
 def to_dict(config) -> dict:

@@ -19,6 +19,7 @@ from flax import nnx
 from PIL import Image
 from tqdm.auto import tqdm
 
+from dit.autoencoder import as_function
 from dit.config import EvalConfig, ModelConfig, TrainConfig
 from dit.diffusion import create_diffusion
 from dit.errors import UserError
@@ -92,14 +93,16 @@ def _batch_sampler(graphdef, model_cfg: ModelConfig, train_cfg: TrainConfig, eva
     """The jitted (params, key, labels) -> uint8 images of one batch; cached, so evaluations during a
     run compile once."""
     sampler = make_sampler(model_cfg, train_cfg, eval_cfg)
+    decode, _ = as_function(decoder, "decode")
     shape = (eval_cfg.batch_size, model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
 
     @jax.jit
-    def sample_batch(params, key, y):
+    def sample_batch(params, decoder_weights, key, y):
         model = nnx.merge(graphdef, params)
         key_noise, key_sampler = jax.random.split(key)
         noise = jax.lax.with_sharding_constraint(jax.random.normal(key_noise, shape), batch_sharded(mesh))
-        return to_uint8(decoder.decode(sampler(lambda x, t, y: model(x, t, y), noise, key_sampler, y)))
+        latents = sampler(lambda x, t, y: model(x, t, y), noise, key_sampler, y)
+        return to_uint8(decode(decoder_weights, latents))
 
     return sample_batch
 
@@ -117,12 +120,13 @@ def generate(graphdef, params, model_cfg: ModelConfig, train_cfg: TrainConfig, e
         raise UserError(f"eval.batch_size={batch} does not split over {jax.device_count()} devices.")
     params = jax.device_put(params, replicated(mesh))
     sample_batch = _batch_sampler(graphdef, model_cfg, train_cfg, eval_cfg, decoder, mesh)
+    decoder_weights = jax.device_put(as_function(decoder, "decode")[1], replicated(mesh))
     labels = balanced_labels(num_samples, model_cfg.num_classes)
     out = []
     for i in tqdm(range(math.ceil(num_samples / batch)), disable=not progress, desc="sample", unit="batch"):
         y = np.resize(labels[i * batch:(i + 1) * batch], batch)  # the last batch is padded, then cut
         y = jax.device_put(jnp.asarray(y), batch_sharded(mesh))
-        images = sample_batch(params, jax.random.fold_in(jax.random.PRNGKey(seed), i), y)
+        images = sample_batch(params, decoder_weights, jax.random.fold_in(jax.random.PRNGKey(seed), i), y)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             images = multihost_utils.process_allgather(images, tiled=True)

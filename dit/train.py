@@ -167,12 +167,34 @@ class _Preemption:
         return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
 
 
+def _start_memory_tracking() -> None:
+    """On GPUs, jax-smi's thread saves a device memory profile every second for `jax-smi` to show."""
+    global _memory_tracking
+    if not _memory_tracking and jax.default_backend() == "gpu":
+        from jax_smi import initialise_tracking
+        initialise_tracking()
+        _memory_tracking = True
+
+
+_memory_tracking = False
+
+
+def _tensorboard_writer(workdir: Path):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        raise UserError("train.tensorboard=true needs tensorboardX: pip install -e '.[tensorboard]' (or "
+                        "leave train.tensorboard off; metrics.jsonl holds the same numbers).") from None
+    return SummaryWriter(str(workdir / "tensorboard"))
+
+
 @dataclass
 class _Log:
     """Device metrics since the last log; fetched (one device sync) only when written."""
 
     path: Path | None
     global_batch: int
+    tensorboard: object = None  # a tensorboardX SummaryWriter, or None
 
     def __post_init__(self):
         self.pending: list[dict] = []
@@ -231,6 +253,11 @@ class _Log:
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for name, value in record.items():
+                if name != "step" and value is not None:
+                    self.tensorboard.add_scalar(f"train/{name}", value, step)
+            self.tensorboard.flush()
         self.pending, self.since, self.timed_steps = [], time.perf_counter(), 0
         return record
 
@@ -292,7 +319,10 @@ def train(run: RunConfig, workdir: Path, source: BatchSource, objective: Objecti
             {**to_dict(run), "params": params, **(record or {})}, indent=2))
     step = int(to_host(state["step"]))
     last_saved = step if resume else None
-    log = _Log(workdir / "metrics.jsonl" if lead else None, cfg.batch_size)
+    if cfg.jax_smi:
+        _start_memory_tracking()
+    writer = _tensorboard_writer(workdir) if cfg.tensorboard and lead else None
+    log = _Log(workdir / "metrics.jsonl" if lead else None, cfg.batch_size, writer)
     first_unchecked = step + 1
     last_record: dict = {}
     preempted = False
@@ -322,6 +352,8 @@ def train(run: RunConfig, workdir: Path, source: BatchSource, objective: Objecti
     finally:
         # Whatever stops the loop, checkpoints already started are finished, never left half-written.
         bar.close()
+        if writer is not None:
+            writer.close()
         checkpoints.wait()
         checkpoints.close()
     summary = {"final_step": step, "preempted": preempted, "params_sha256": params_sha256(state["ema"]),

@@ -161,3 +161,28 @@ def test_batch_that_does_not_split_over_devices_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="multiple of 8"):
         train(run, tmp_path / "run", source(), make_objective(run), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def read_scalars(directory):
+    """The scalars of TensorBoard event files (TFRecord framing: length, crc, event, crc)."""
+    from tensorboardX.proto import event_pb2
+    scalars = {}
+    for path in directory.glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        while data:
+            length = int.from_bytes(data[:8], "little")
+            event = event_pb2.Event.FromString(data[12:12 + length])
+            data = data[12 + length + 4:]
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
+def test_tensorboard_events_hold_the_logged_metrics(tmp_path):
+    pytest.importorskip("tensorboardX")
+    run = run_config(steps=4, tensorboard=True)
+    train(run, tmp_path / "run", source(), make_objective(run), progress=False)
+    records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    scalars = read_scalars(tmp_path / "run" / "tensorboard")
+    assert [s for s, _ in scalars["train/loss"]] == [r["step"] for r in records] == [2, 4]
+    np.testing.assert_allclose([v for _, v in scalars["train/loss"]], [r["loss"] for r in records], rtol=1e-6)

@@ -1,0 +1,219 @@
+"""Encode a training split once into the latent cache: `python -m dit.data.extract --data ROOT --vae VAE --out DIR`.
+
+Every image is center-cropped (ADM), encoded as is and horizontally flipped, on this process's
+devices, and stored as posterior mean and std, so training draws a fresh latent each time it reads
+one. Resumable: finished shards are kept, the rest redone. Multi-process safe: process p encodes the
+shards k with k % P == p, and the process that finds every shard present writes the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
+
+from dit.autoencoder import Autoencoder, PixelAutoencoder, as_function
+from dit.data import cache as latent_cache
+from dit.data.images import ImageSet, find_images, load_images
+from dit.errors import UserError
+from dit.mesh import BATCH_AXIS, data_mesh
+
+# What the real ImageNet-100 holds; printed next to what was found, so a partial copy shows at once.
+IMAGENET100_COUNTS = {"train": 126_689, "val": 5_000}
+
+
+def make_encoder(autoencoder: Autoencoder):
+    """images uint8 (n, R, R, 3) -> (mean, std) of shape (n, 2, h, w, c): [:, 0] as is, [:, 1] flipped.
+
+    Batches are split over this process's devices; n must be a multiple of their number.
+    """
+    mesh = data_mesh(jax.local_devices())
+    sharded = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
+    encode_fn, weights = as_function(autoencoder, "encode")
+    weights = jax.device_put(weights, NamedSharding(mesh, PartitionSpec()))
+
+    @jax.jit
+    def encode(weights, images):
+        x = images.astype(jnp.float32) / 127.5 - 1.0
+        both = jnp.concatenate([x, x[:, :, ::-1]])  # the flip of DiT's training augmentation
+        mean, logvar = encode_fn(weights, both)
+        std = jnp.exp(0.5 * logvar)
+        n = images.shape[0]
+        return (jnp.stack([mean[:n], mean[n:]], axis=1), jnp.stack([std[:n], std[n:]], axis=1))
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mean, std = encode(weights, jax.device_put(images, sharded))
+        return np.asarray(mean), np.asarray(std)
+
+    return run
+
+
+def _files_digest(image_set: ImageSet) -> str:
+    digest = hashlib.sha256()
+    for path, label in image_set.files:
+        digest.update(f"{path.relative_to(image_set.root)}\t{label}\n".encode())
+    return digest.hexdigest()
+
+
+def extract(data: str | Path, autoencoder: Autoencoder, out: str | Path, *, resolution: int = 256,
+            split: str = "train", batch_size: int = 64, shard_size: int = 1024, dtype: str = "float16",
+            scale_factor: float | None = None, progress: bool = True) -> dict | None:
+    """Builds (or completes) the cache in `out`; returns its manifest, or None while other processes'
+    shards are still missing."""
+    image_set = find_images(data, split)
+    out = Path(out)
+    expected = IMAGENET100_COUNTS.get(split) if image_set.layout == "imagenet100" else None
+    print(f"found {len(image_set):,} {split} images in {len(image_set.classes)} classes under {image_set.root}"
+          + (f" (the full ImageNet-100 has {expected:,})" if expected else ""))
+    devices = jax.local_device_count()
+    batch_size = max(devices, batch_size // devices * devices)
+    down = getattr(autoencoder, "downsample", 8)
+    if resolution % down:
+        raise UserError(f"--resolution {resolution} is not a multiple of the autoencoder's downsampling {down}.")
+    settings = {
+        "data": str(image_set.root), "split": split, "layout": image_set.layout, "resolution": resolution,
+        "autoencoder": {"source": autoencoder.source, "sha256": autoencoder.sha256},
+        "scale_factor": float(scale_factor if scale_factor is not None else _scale_factor(autoencoder)),
+        "dtype": dtype, "shard_size": shard_size, "num_files": len(image_set), "files_sha256": _files_digest(image_set),
+    }
+    _check_settings(out, settings)
+
+    ranges = latent_cache.shard_ranges(len(image_set), shard_size)
+    owned = {k for k in range(len(ranges)) if k % jax.process_count() == jax.process_index()}
+    latent_cache.remove_partial_shards(out, owned)
+    todo = sorted(owned - latent_cache.finished_shards(out))
+    if len(todo) < len(owned):
+        print(f"resuming: {len(owned) - len(todo)} of this process's {len(owned)} shards are already done")
+    encode = make_encoder(autoencoder)
+    images_todo = sum(ranges[k][1] - ranges[k][0] for k in todo)
+    bar = tqdm(total=images_todo, disable=not progress, desc="encode", unit="img")
+    start, done = time.perf_counter(), 0
+    latent_shape = None
+    with ThreadPoolExecutor(1) as reader:  # reads the next batch from disk while this one encodes
+        for k in todo:
+            batches = [np.arange(s, min(s + batch_size, ranges[k][1])) for s in range(*ranges[k], batch_size)]
+            pending = reader.submit(load_images, image_set, batches[0], resolution)
+            means, stds, labels, indices, skipped = [], [], [], [], []
+            for i in range(len(batches)):
+                images, good, bad = pending.result()
+                if i + 1 < len(batches):
+                    pending = reader.submit(load_images, image_set, batches[i + 1], resolution)
+                skipped += [(str(path), reason) for path, reason in bad]
+                if len(good):
+                    padded = -len(good) % devices  # the last batch pads up to the device count
+                    mean, std = encode(np.concatenate([images, np.repeat(images[-1:], padded, 0)]))
+                    means.append(mean[:len(good)].astype(dtype))
+                    stds.append(std[:len(good)].astype(dtype))
+                    labels.append(np.asarray([image_set.files[j][1] for j in good], np.int32))
+                    indices.append(np.asarray(good, np.int64))
+                    latent_shape = means[-1].shape[2:]
+                done += len(batches[i])
+                bar.update(len(batches[i]))
+                bar.set_postfix(img_s=f"{done / (time.perf_counter() - start):.1f}")
+            if not means:  # a shard of nothing but bad files still records them
+                latent_shape = latent_shape or _latent_shape(encode, resolution, devices)
+                means = stds = [np.zeros((0, 2, *latent_shape), dtype)]
+                labels, indices = [np.zeros(0, np.int32)], [np.zeros(0, np.int64)]
+            latent_cache.write_shard(out, k, latent_cache.Shard(
+                np.concatenate(means), np.concatenate(stds), np.concatenate(labels), np.concatenate(indices), skipped))
+    bar.close()
+    elapsed = time.perf_counter() - start
+    if done:
+        print(f"encoded {done:,} images (x2 with flips) in {elapsed:.1f} s: {done / elapsed:.1f} img/s")
+
+    if len(latent_cache.finished_shards(out)) < len(ranges):
+        print(f"this process's shards are done; {out / latent_cache.MANIFEST} is written by the last process to finish")
+        return None
+    manifest = latent_cache.build_manifest(
+        out, {**settings, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+        list(image_set.classes), dict(image_set.names),
+        tuple(latent_shape or _latent_shape(encode, resolution, devices)), len(ranges))
+    if manifest["skipped"]:
+        print(f"skipped {len(manifest['skipped'])} files that could not be read (listed in manifest.json):")
+        for item in manifest["skipped"]:
+            print(f"  {item['path']}: {item['reason']}")
+    print(f"cache complete: {manifest['count']:,} images x 2 flips in {out}")
+    return manifest
+
+
+def _scale_factor(autoencoder: Autoencoder) -> float:
+    if hasattr(autoencoder, "scale_factor"):
+        return autoencoder.scale_factor
+    from dit.vae import SCALE_FACTOR
+    return SCALE_FACTOR
+
+
+def _latent_shape(encode, resolution: int, devices: int) -> tuple[int, ...]:
+    mean, _ = encode(np.zeros((devices, resolution, resolution, 3), np.uint8))
+    return tuple(mean.shape[2:])
+
+
+def _check_settings(out: Path, settings: dict) -> None:
+    """A cache is finished with the settings it was started with; anything else is an error."""
+    path = out / latent_cache.SETTINGS
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        if changed:
+            listed = "; ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in changed.items())
+            raise UserError(
+                f"{out} holds a latent cache started with other settings ({listed}). Finish it with the "
+                f"same settings, or choose a new --out directory; nothing was changed."
+            )
+        return
+    if out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".")):
+        raise UserError(f"--out {out} exists and is not a latent cache; choose a new or empty directory.")
+    out.mkdir(parents=True, exist_ok=True)
+    latent_cache.write_json_atomic(path, settings)
+
+
+def load_autoencoder(spec: str, dtype: str = "float32") -> Autoencoder:
+    """'pixels' for the identity, else a VAE path or Hugging Face repo id."""
+    if spec == "pixels":
+        return PixelAutoencoder()
+    from dit.vae import load_vae
+    return load_vae(spec, dtype=dtype)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dit.data.extract", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, help="dataset root (Kaggle ImageNet-100 layout or class folders)")
+    parser.add_argument("--vae", default="stabilityai/sd-vae-ft-ema",
+                        help="SD-VAE safetensors path or Hugging Face repo id; 'pixels' for no autoencoder")
+    parser.add_argument("--out", required=True, help="cache directory (new, or an unfinished cache to complete)")
+    parser.add_argument("--resolution", type=int, default=256, help="center-crop size (256 or 512)")
+    parser.add_argument("--split", default="train", choices=("train", "val"))
+    parser.add_argument("--batch", type=int, default=64, help="images per encode batch on this process")
+    parser.add_argument("--shard-size", type=int, default=1024, help="images per shard (the unit of resume)")
+    parser.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="storage dtype")
+    parser.add_argument("--vae-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute dtype of the VAE's convolutions")
+    parser.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-process extraction")
+    parser.add_argument("--num-processes", type=int)
+    parser.add_argument("--process-id", type=int)
+    args = parser.parse_args(argv)
+    try:
+        from dit.distributed import initialize
+        initialize(args.coordinator, args.num_processes, args.process_id)
+        autoencoder = load_autoencoder(args.vae, args.vae_dtype)
+        extract(args.data, autoencoder, args.out, resolution=args.resolution, split=args.split,
+                batch_size=args.batch, shard_size=args.shard_size, dtype=args.dtype)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
