@@ -1,41 +1,47 @@
 """Train, evaluate and record one DiT-S variant: `python ablations/run.py --variant NAME [--preset P] ...`.
 
 Order matters: the variant is resolved and its parameter budget checked before anything else is
-created, so an over-budget variant exits 2 having written nothing.
+created, so an over-budget variant exits 2 having written nothing; then every input (data, reference
+statistics, weights) is checked, and only then is the run directory made.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project importable without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ablations.presets import PRESETS
-from dit.config import RunConfig, apply_overrides, to_dict
+from ablations.presets import PRESETS, prepare_data
+from dit.config import RunConfig, apply_overrides, from_dict, to_dict
 from dit.counting import count_params
 from dit.errors import UserError
 from variants import BUDGET, REGISTERED, check_budget, measure, resolve
 from variants.registry import ALIASES
 
-
-class NotAvailable(UserError):
-    exit_code = 3
+REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python ablations/run.py", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python ablations/run.py", description=__doc__.splitlines()[0])
     parser.add_argument("--variant", help="variant name; features compose with '_' (see --list)")
     parser.add_argument("--preset", default="in100", help=f"one of {', '.join(PRESETS)} (default in100)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. --set model.depth=13 --set train.steps=1000")
-    parser.add_argument("--workdir", help="run directory (default runs/VARIANT-PRESET)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint")
+    parser.add_argument("--workdir", help="run directory (default runs/VARIANT-PRESET-ID, new)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --workdir (default: the latest unfinished runs/VARIANT-PRESET-*)")
     parser.add_argument("--dry-run", action="store_true", help="stop after the budget check; print the resolved config")
     parser.add_argument("--list", action="store_true", help="list the variants and presets, one line each")
+    parser.add_argument("--leaderboard", default=None, help="the leaderboard CSV (default results/leaderboard.csv)")
+    parser.add_argument("--figures", default=None, help="where report figures go (default results/figures)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     parser.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-process runs")
     parser.add_argument("--num-processes", type=int, help="number of processes in a multi-process run")
     parser.add_argument("--process-id", type=int, help="this process's index in a multi-process run")
@@ -51,8 +57,8 @@ def list_all() -> None:
         print(f"preset  {name:<24} {preset.__doc__.splitlines()[0]}")
 
 
-def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, int]:
-    """The run's config and the variant's budget count; raises UserError (exit 2) before creating anything."""
+def resolve_run(args: argparse.Namespace):
+    """The run's config and the variant's cost at DiT-S size; raises UserError (exit 2) before creating anything."""
     if not args.variant:
         raise UserError("no variant given: pass --variant NAME (see --list for the names).")
     if args.preset not in PRESETS:
@@ -62,7 +68,200 @@ def resolve_run(args: argparse.Namespace) -> tuple[RunConfig, int]:
     model_overrides = [o for o in args.overrides if o.strip().startswith("model.")]
     cost = check_budget(args.variant, apply_overrides(variant, model_overrides).model)
     config = apply_overrides(PRESETS[args.preset](variant), args.overrides)
-    return config, cost.params
+    return config, cost
+
+
+def git_commit() -> str:
+    """The commit the code ran at, with '-dirty' when the working tree differs from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def choose_workdir(args, config: RunConfig) -> Path:
+    """A new run directory (never an existing one), or with --resume the run to continue."""
+    if args.workdir:
+        return Path(args.workdir)
+    runs = Path("runs")
+    if args.resume:
+        unfinished = sorted((p for p in runs.glob(f"{config.variant}-{config.preset}-*")
+                             if (p / "checkpoints").is_dir() and not (p / "summary.json").exists()),
+                            key=lambda p: p.stat().st_mtime)
+        if not unfinished:
+            raise UserError(f"--resume: no unfinished run of {config.variant} with preset {config.preset} under "
+                            f"{runs.absolute()}; pass --workdir DIR to name the run to continue.")
+        return unfinished[-1]
+    return runs / f"{config.variant}-{config.preset}-{_shared_run_id()}"
+
+
+def _shared_run_id() -> str:
+    """Six hex digits, drawn by process 0 and shared, so every process names the same directory."""
+    import jax
+    number = uuid.uuid4().int % 16**6
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+        number = int(multihost_utils.broadcast_one_to_all(np.int32(number)))
+    return f"{number:06x}"
+
+
+def check_resume_config(workdir: Path, config: RunConfig) -> RunConfig:
+    """A resumed run keeps its own settings; asking for others (except more steps) is an error."""
+    saved_path = workdir / "config.json"
+    if not saved_path.is_file():
+        raise UserError(f"--resume: {workdir} has no config.json; it is not a run directory made by this command.")
+    saved = from_dict(json.loads(saved_path.read_text()))
+    ours, theirs = to_dict(config), to_dict(saved)
+    changed = [f"{section}.{key}: {theirs[section][key]!r} in the run, {value!r} now"
+               for section in ours if isinstance(ours[section], dict)
+               for key, value in ours[section].items()
+               if theirs[section].get(key) != value and f"{section}.{key}" != "train.steps"]
+    changed += [f"{k}: {theirs[k]!r} in the run, {ours[k]!r} now" for k in ("variant", "preset") if ours[k] != theirs[k]]
+    if changed:
+        raise UserError(f"--resume: {workdir} was started with other settings ({'; '.join(changed)}). Resume with "
+                        f"the same variant, preset and --set options (only train.steps may grow), or start a new run.")
+    return config
+
+
+def check_data(config: RunConfig, progress: bool):
+    """The latent cache (built here for the built-in digits) matching the model; returns it."""
+    from dit.data.cache import LatentCache
+    if not config.data.cache:
+        raise UserError("no training data configured: set data.cache to a latent cache made by `python -m "
+                        "dit.data.extract --data ROOT --vae stabilityai/sd-vae-ft-ema --out DIR` (--set data.cache=DIR).")
+    prepare_data(config, progress)
+    cache = LatentCache(config.data.cache)
+    shape = (config.model.input_size, config.model.input_size, config.model.in_channels)
+    if cache.latent_shape != shape or cache.num_classes != config.model.num_classes:
+        h, w, c = cache.latent_shape
+        raise UserError(
+            f"the cache {config.data.cache} holds {h}x{w}x{c} latents in {cache.num_classes} classes, but the model "
+            f"expects {shape[0]}x{shape[1]}x{shape[2]} in {config.model.num_classes}; pass --set model.input_size={h} "
+            f"--set model.in_channels={c} --set model.num_classes={cache.num_classes}, or another data.cache."
+        )
+    return cache
+
+
+def build_evaluator(config: RunConfig, cache, workdir: Path):
+    """The metric of this run's data: FID with the Inception, or the digits classifier's Frechet distance."""
+    from flax import nnx
+
+    from dit.autoencoder import decoder_for
+    from dit.eval.evaluator import FrechetEvaluator
+    from dit.model import DiT
+    if config.eval.metric == "fid":
+        from dit.eval.inception import load_inception
+        from dit.eval.reference import load_reference
+        if not config.eval.reference:
+            raise UserError("eval.metric=fid needs reference statistics: make them with `python -m dit.eval.ref_stats "
+                            "--data IMAGENET100_ROOT --out FILE.npz` and pass --set eval.reference=FILE.npz.")
+        inception = load_inception(config.eval.inception or None)
+        embed, reference = inception.features, load_reference(config.eval.reference, inception)
+    else:
+        from dit.eval.digits_classifier import digits_reference, load_or_train
+        classifier = load_or_train(cache.directory)
+        embed, reference = classifier.features, digits_reference(cache.directory, classifier)
+    graphdef = nnx.split(nnx.eval_shape(lambda: DiT(config.model, rngs=nnx.Rngs(0))))[0]
+    return FrechetEvaluator(config.eval.metric, embed, reference, decoder_for(config.data), config, graphdef,
+                            sample_dir=workdir / "samples")
+
+
+def leaderboard_rows(config: RunConfig, workdir: Path, record: dict) -> list[dict]:
+    """One row per evaluation in metrics.jsonl (the last line of a step wins, as after a resume)."""
+    import numpy as np
+    metric = config.eval.metric
+    by_step = {}
+    speeds = []
+    for line in (workdir / "metrics.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        if "compile_s" not in entry and entry.get("img_per_s"):
+            speeds.append(entry["img_per_s"])
+        if metric in entry:
+            by_step[entry["step"]] = entry
+    img_per_s = float(np.median(speeds)) if speeds else None
+    sampler = config.eval.sampler or ("ddpm" if config.train.objective == "ddpm" else "sde")
+    return [{
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_id": record["run_id"],
+        "variant": config.variant, "params": record["budget_params"], "gflops": record["gflops"],
+        "preset": config.preset, "dataset": record["dataset"], "resolution": record["resolution"],
+        "objective": config.train.objective, "sampler": sampler, "sampling_steps": config.eval.sampling_steps,
+        "cfg_scale": config.eval.cfg_scale, "step": step, "batch_size": config.train.batch_size, "metric": metric,
+        "value": entry[metric], "num_samples": entry[f"{metric}_samples"], "seed": config.train.seed,
+        "img_per_s": img_per_s, "hardware": record["hardware"], "git_commit": record["git_commit"],
+    } for step, entry in sorted(by_step.items())]
+
+
+def record_results(config: RunConfig, workdir: Path, record: dict, leaderboard: Path) -> list[dict]:
+    """Appends the run's evaluations that the leaderboard does not hold yet (a resumed run adds nothing twice)."""
+    from ablations.leaderboard import append_rows, read_rows
+    held = {(r["run_id"], r["metric"], int(r["step"])) for r in read_rows(leaderboard)} if leaderboard.exists() else set()
+    rows = [r for r in leaderboard_rows(config, workdir, record) if (r["run_id"], r["metric"], r["step"]) not in held]
+    if rows:
+        append_rows(rows, leaderboard)
+    return rows
+
+
+def write_figures(workdir: Path, leaderboard: Path, figures: Path) -> None:
+    try:
+        from analysis.report import main as report
+        report(["--runs", str(workdir.parent), "--leaderboard", str(leaderboard), "--out", str(figures)])
+    except Exception as error:  # figures are a convenience: a plotting problem must not fail a finished run
+        print(f"warning: the report figures could not be written ({error}); run `python analysis/report.py`.")
+
+
+def train_and_record(args, config: RunConfig, cost) -> int:
+    import jax
+
+    from dit.data.pipeline import CacheBatches
+    from dit.distributed import initialize
+    from dit.objectives import make_objective
+    from dit.train import train
+
+    initialize(args.coordinator, args.num_processes, args.process_id)
+    lead = jax.process_index() == 0
+    progress = not args.no_progress and lead
+    workdir = choose_workdir(args, config)
+    if args.resume:
+        config = check_resume_config(workdir, config)
+    elif workdir.exists() and any(workdir.iterdir()):
+        raise UserError(f"the run directory {workdir} already exists and is not empty; pass --resume to continue "
+                        f"that run, or choose another --workdir. Nothing was changed.")
+    cache = check_data(config, progress)
+    evaluator = build_evaluator(config, cache, workdir)  # loads weights and statistics: fails before the run starts
+    leaderboard = Path(args.leaderboard) if args.leaderboard else REPO / "results" / "leaderboard.csv"
+    figures = Path(args.figures) if args.figures else REPO / "results" / "figures"
+    record = {
+        "run_id": workdir.name, "budget_params": cost.params, "gflops": cost.gflops,
+        "dataset": cache.manifest.get("dataset", "unknown"), "resolution": int(cache.manifest.get("resolution", 0)),
+        "metric": config.eval.metric, "git_commit": git_commit(), "command": sys.argv,
+        "hardware": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    if lead:
+        print(f"run {workdir} ({'resuming' if args.resume else 'new'}): {config.variant}, preset {config.preset}, "
+              f"{count_params(config.model):,} parameters in this run's model")
+    source = CacheBatches(cache, config.train.batch_size, config.train.seed, workers=config.data.workers)
+    summary = train(config, workdir, source, make_objective(config), resume=args.resume, record=record,
+                    progress=progress, evaluate=evaluator)
+    if summary["preempted"]:
+        if lead:
+            print(f"stopped at step {summary['final_step']} on SIGTERM, checkpoint saved; continue with "
+                  f"`python ablations/run.py --variant {config.variant} --preset {config.preset} --resume "
+                  f"--workdir {workdir}`")
+        return 0
+    if lead:
+        rows = record_results(config, workdir, record, leaderboard)
+        write_figures(workdir, leaderboard, figures)
+        final = summary["last_metrics"].get(config.eval.metric)
+        print(f"done: step {summary['final_step']}, {config.eval.metric} {final:.3f} on "
+              f"{summary['last_metrics'].get(config.eval.metric + '_samples')} samples; {len(rows)} leaderboard "
+              f"rows added to {leaderboard}; samples in {workdir / 'samples'}; figures in {figures}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,18 +270,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.list:
             list_all()
             return 0
-        config, budget_params = resolve_run(args)
+        config, cost = resolve_run(args)
         if args.dry_run:
             print(json.dumps(to_dict(config), indent=2))
-            print(f"variant {config.variant}: {budget_params:,} trainable parameters at DiT-S scale "
+            print(f"variant {config.variant}: {cost.params:,} trainable parameters at DiT-S scale "
                   f"(budget {BUDGET:,}: within)")
             if config.preset != "in100":
                 print(f"this {config.preset} run's model: {count_params(config.model):,} trainable parameters")
             return 0
-        raise NotAvailable(
-            "training is not available yet in this version of the harness (it lands with the training "
-            "core); use --dry-run to check a variant's budget and see its resolved config."
-        )
+        return train_and_record(args, config, cost)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code

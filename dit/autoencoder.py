@@ -63,3 +63,29 @@ def as_function(coder, method: str) -> tuple[Callable, object]:
         graphdef = coder.graphdef
         return (lambda w, x: getattr(nnx.merge(graphdef, w), method)(x)), coder.params
     return (lambda w, x: getattr(coder, method)(x)), None  # weightless: the pixel identity
+
+
+def autoencoder_from_source(source: str, sha256: str | None = None) -> Autoencoder:
+    """'pixels', or an SD-VAE path or repo id; with `sha256`, the weights must be that file."""
+    if source == "pixels":
+        return PixelAutoencoder()
+    from dit.errors import UserError
+    from dit.vae import load_vae
+    vae = load_vae(source)
+    if sha256 and vae.sha256 and vae.sha256 != sha256:
+        raise UserError(f"the VAE at {source} has SHA-256 {vae.sha256[:12]}..., but the latents were made with "
+                        f"{sha256[:12]}...; decode with the same VAE file that encoded them.")
+    return vae
+
+
+def decoder_for(data_cfg) -> ScaledDecoder:
+    """How a run's samples become images: the autoencoder and scale factor recorded in its latent
+    cache, or, for on-the-fly training, `data.vae` with the SD-VAE scale factor."""
+    if data_cfg.cache:
+        from dit.data.cache import LatentCache
+        manifest = LatentCache(data_cfg.cache).manifest
+        autoencoder = autoencoder_from_source(manifest["autoencoder"]["source"], manifest["autoencoder"]["sha256"])
+        return ScaledDecoder(autoencoder, float(manifest["scale_factor"]))
+    from dit.vae import SCALE_FACTOR
+    autoencoder = autoencoder_from_source(data_cfg.vae)
+    return ScaledDecoder(autoencoder, 1.0 if data_cfg.vae == "pixels" else SCALE_FACTOR)

@@ -176,8 +176,13 @@ class EvalConfig:
     guidance_low: float = 0.0  # guidance acts only at noise levels in [low, high] (fractions of the
     guidance_high: float = 1.0  # objective's time axis, 1 = pure noise): the guidance interval
     batch_size: int = 64  # global sampling batch
+    metric: str = "fid"  # fid: FID-N with the FID Inception; fd_digits: the demo's classifier features
+    reference: str = ""  # fid: reference statistics from `python -m dit.eval.ref_stats`
+    inception: str = ""  # fid: the Inception weights; "" = the cached pytorch-fid download
 
     def __post_init__(self) -> None:
+        if self.metric not in ("fid", "fd_digits"):
+            raise ConfigError(f"eval.metric={self.metric!r} is not one of fid, fd_digits.")
         for name in ("every", "num_samples", "sampling_steps", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"eval.{name}={getattr(self, name)} must be a positive integer.")
@@ -216,6 +221,21 @@ class RunConfig:
 
 def to_dict(config) -> dict:
     return dataclasses.asdict(config)
+
+
+def from_dict(saved: dict) -> RunConfig:
+    """The RunConfig of a saved config.json; keys it does not know (run records such as `params`) are
+    ignored, and fields it lacks take their defaults, so older runs still load."""
+    sections = {}
+    for f in dataclasses.fields(RunConfig):
+        value = saved.get(f.name)
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            kind = f.default_factory
+            known = {g.name for g in dataclasses.fields(kind)}
+            sections[f.name] = kind(**{k: v for k, v in (value or {}).items() if k in known})
+        elif value is not None:
+            sections[f.name] = value
+    return RunConfig(**sections)
 
 
 def _parse_value(key: str, text: str, kind: str):

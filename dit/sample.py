@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -90,28 +91,34 @@ def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
 @functools.lru_cache(maxsize=16)
 def _batch_sampler(graphdef, model_cfg: ModelConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig,
                    decoder: Decoder, mesh) -> Callable:
-    """The jitted (params, key, labels) -> uint8 images of one batch; cached, so evaluations during a
-    run compile once."""
+    """The jitted (params, key, labels) -> latents and (decoder weights, latents) -> uint8 images of one
+    batch; cached, so evaluations during a run compile once. Two programs, so each can be timed."""
     sampler = make_sampler(model_cfg, train_cfg, eval_cfg)
     decode, _ = as_function(decoder, "decode")
     shape = (eval_cfg.batch_size, model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
 
     @jax.jit
-    def sample_batch(params, decoder_weights, key, y):
+    def sample_batch(params, key, y):
         model = nnx.merge(graphdef, params)
         key_noise, key_sampler = jax.random.split(key)
         noise = jax.lax.with_sharding_constraint(jax.random.normal(key_noise, shape), batch_sharded(mesh))
-        latents = sampler(lambda x, t, y: model(x, t, y), noise, key_sampler, y)
+        return sampler(lambda x, t, y: model(x, t, y), noise, key_sampler, y)
+
+    @jax.jit
+    def decode_batch(decoder_weights, latents):
         return to_uint8(decode(decoder_weights, latents))
 
-    return sample_batch
+    return sample_batch, decode_batch
 
 
 def generate(graphdef, params, model_cfg: ModelConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig, *,
              seed: int, num_samples: int | None = None, decoder: Decoder | None = None,
-             progress: bool = True) -> np.ndarray:
+             progress: bool = True, timings: dict | None = None) -> np.ndarray:
     """num_samples (default eval.num_samples) class-balanced uint8 images (N, H, W, C), deterministic for
-    the seed whatever the device count: batch i uses key fold_in(seed, i)."""
+    the seed whatever the device count: batch i uses key fold_in(seed, i).
+
+    With a `timings` dict, adds the seconds spent sampling and decoding to its "sample_s" and "decode_s"
+    (waiting for each; without it, the device runs ahead of the host)."""
     num_samples = num_samples or eval_cfg.num_samples
     decoder = decoder or PIXELS
     mesh = data_mesh()
@@ -119,14 +126,23 @@ def generate(graphdef, params, model_cfg: ModelConfig, train_cfg: TrainConfig, e
     if batch % jax.device_count():
         raise UserError(f"eval.batch_size={batch} does not split over {jax.device_count()} devices.")
     params = jax.device_put(params, replicated(mesh))
-    sample_batch = _batch_sampler(graphdef, model_cfg, train_cfg, eval_cfg, decoder, mesh)
+    sample_batch, decode_batch = _batch_sampler(graphdef, model_cfg, train_cfg, eval_cfg, decoder, mesh)
     decoder_weights = jax.device_put(as_function(decoder, "decode")[1], replicated(mesh))
     labels = balanced_labels(num_samples, model_cfg.num_classes)
     out = []
     for i in tqdm(range(math.ceil(num_samples / batch)), disable=not progress, desc="sample", unit="batch"):
         y = np.resize(labels[i * batch:(i + 1) * batch], batch)  # the last batch is padded, then cut
         y = jax.device_put(jnp.asarray(y), batch_sharded(mesh))
-        images = sample_batch(params, decoder_weights, jax.random.fold_in(jax.random.PRNGKey(seed), i), y)
+        started = time.perf_counter()
+        latents = sample_batch(params, jax.random.fold_in(jax.random.PRNGKey(seed), i), y)
+        if timings is not None:
+            jax.block_until_ready(latents)
+            timings["sample_s"] = timings.get("sample_s", 0.0) + time.perf_counter() - started
+            started = time.perf_counter()
+        images = decode_batch(decoder_weights, latents)
+        if timings is not None:
+            jax.block_until_ready(images)
+            timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - started
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             images = multihost_utils.process_allgather(images, tiled=True)

@@ -226,7 +226,11 @@ class _Log:
                 f"(or --resume from the kept checkpoint)."
             )
 
-    def write(self, step: int) -> dict:
+    def exclude(self, seconds: float) -> None:
+        """Time spent on something else (evaluation) does not count against training throughput."""
+        self.since += seconds
+
+    def write(self, step: int, extra: dict | None = None) -> dict:
         fetched = to_host(self.pending)
         elapsed = time.perf_counter() - self.since
         n = max(self.timed_steps, 1)
@@ -244,6 +248,7 @@ class _Log:
         if self.compile_s is not None and not self.written:
             record["compile_s"] = self.compile_s
             self.written = True
+        record.update(extra or {})
         if float(fetched[-1]["loss_scale"]) != 1.0:
             record["loss_scale"] = float(fetched[-1]["loss_scale"])
         stats = jax.local_devices()[0].memory_stats() or {}
@@ -293,11 +298,14 @@ def _agreed_resume_step(latest: int | None, workdir: Path) -> int:
 
 
 def train(run: RunConfig, workdir: Path, source: BatchSource, objective: Objective, *, resume: bool = False,
-          record: dict | None = None, progress: bool = True) -> dict:
+          record: dict | None = None, progress: bool = True,
+          evaluate: Callable[[int, object], dict] | None = None) -> dict:
     """Trains run.model with run.train from `source`; returns the summary also written to summary.json.
 
     Only process 0 writes config.json, metrics.jsonl and summary.json; every process takes part in
     checkpoint saves. SIGTERM saves a checkpoint and returns with summary["preempted"] = True.
+    `evaluate(step, ema_params) -> metrics` runs every `eval.every` steps and at the last step (on every
+    process); its metrics join that step's line of metrics.jsonl, and its time is not training time.
     """
     cfg = run.train
     workdir = Path(workdir)
@@ -334,7 +342,8 @@ def train(run: RunConfig, workdir: Path, source: BatchSource, objective: Objecti
                 step += 1
                 log.add(metrics)
                 bar.update(1)
-                at_log = step % cfg.log_every == 0 or step == cfg.steps
+                at_eval = evaluate is not None and (step % run.eval.every == 0 or step == cfg.steps)
+                at_log = step % cfg.log_every == 0 or step == cfg.steps or at_eval
                 at_save = step % cfg.ckpt_every == 0 or step == cfg.steps
                 stop = preemption.agreed() if (jax.process_count() == 1 or at_log) else False
                 if at_log or at_save or stop:
@@ -342,8 +351,13 @@ def train(run: RunConfig, workdir: Path, source: BatchSource, objective: Objecti
                 if at_save or stop:
                     checkpoints.save(step, state, {"data": source.get_state(), "config": to_dict(run)})
                     last_saved = step
+                evaluated = {}
+                if at_eval:
+                    started = time.perf_counter()
+                    evaluated = evaluate(step, state["ema"])
+                    log.exclude(time.perf_counter() - started)
                 if at_log or stop:
-                    last_record = log.write(step)
+                    last_record = log.write(step, evaluated)
                     first_unchecked = step + 1
                     bar.set_postfix(loss=f"{last_record['loss']:.4f}", img_s=f"{last_record['img_per_s']:.1f}")
                 if stop:

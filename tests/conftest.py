@@ -8,3 +8,18 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # tests start) compiles each once per session.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jax-cache-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+# CI installs every test extra, so there a skipped test is a missing dependency, not an option:
+# with DIT_NO_SKIPS=1 (set by .ci/run) any skip fails the session.
+_skipped = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped:
+        _skipped.append(report.nodeid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if os.environ.get("DIT_NO_SKIPS") == "1" and _skipped:
+        print(f"\nDIT_NO_SKIPS=1 but {len(_skipped)} tests were skipped: {', '.join(_skipped[:5])}")
+        session.exitstatus = 1

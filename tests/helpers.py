@@ -27,3 +27,26 @@ def batch(cfg: ModelConfig, n: int = 4, seed: int = 1):
     t = jnp.asarray(rng.integers(0, 1000, n))
     y = jnp.asarray(rng.integers(0, cfg.num_classes, n))
     return x, t, y
+
+
+def random_inception_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
+    """Random weights in pytorch-fid's layout: He-normal convolutions, unit BatchNorm statistics."""
+    from dit.eval.inception import torch_key_shapes
+    rng = np.random.default_rng(seed)
+    sd = {}
+    for key, shape in torch_key_shapes().items():
+        if key.endswith("running_var") or (key.endswith("bn.weight")):
+            sd[key] = np.ones(shape, np.float32)
+        elif key.endswith("running_mean") or key.endswith("bias"):
+            sd[key] = np.zeros(shape, np.float32)
+        else:
+            fan_in = int(np.prod(shape[1:]))
+            sd[key] = (rng.normal(size=shape) * np.sqrt(2 / fan_in)).astype(np.float32)
+    return sd
+
+
+def write_random_inception(path, seed: int = 0):
+    """A random FID Inception saved as the project's converted copy (.safetensors); returns the path."""
+    from safetensors.numpy import save_file
+    save_file(random_inception_state_dict(seed), str(path))
+    return path

@@ -51,3 +51,78 @@ def test_list_shows_variants_and_presets(tmp_path):
     lines = out.stdout.splitlines()
     assert any(l.startswith("variant baseline") and "32,519,456" in l for l in lines)
     assert {l.split()[1] for l in lines if l.startswith("preset")} == {"in100", "demo", "smoke"}
+
+
+# End to end with the smoke preset. One working directory for the module: the digits data and their
+# feature classifier are built once (in ./data/digits, as a user's first run would) and shared.
+@pytest.fixture(scope="module")
+def home(tmp_path_factory):
+    return tmp_path_factory.mktemp("home")
+
+
+def leaderboard(path):
+    import csv
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_smoke_run_end_to_end(home):
+    out = run("--variant", "rope_swiglu", "--preset", "smoke", "--set", "eval.every=2", "--workdir", "runs/a",
+              "--leaderboard", "lb.csv", "--figures", "figures", "--no-progress", cwd=home)
+    assert out.returncode == 0, out.stderr[-3000:]
+    workdir = home / "runs" / "a"
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["variant"] == "rope_swiglu" and config["budget_params"] == 32_525_600
+    assert config["run_id"] == "a" and config["dataset"] == "digits" and config["git_commit"]
+    metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and [m["step"] for m in metrics if "fd_digits" in m] == [2, 4]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["final_step"] == 4 and len(summary["params_sha256"]) == 64
+    assert (workdir / "samples" / "step_0000004.png").is_file()
+    rows = leaderboard(home / "lb.csv")
+    assert [(r["run_id"], r["step"], r["metric"], r["dataset"]) for r in rows] == [
+        ("a", "2", "fd_digits", "digits"), ("a", "4", "fd_digits", "digits")]
+    assert float(rows[-1]["value"]) == pytest.approx(summary["last_metrics"]["fd_digits"])
+    assert list((home / "figures").glob("*.png")) and "done: step 4" in out.stdout
+
+    # The same directory again without --resume: refused, nothing changed.
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*")}
+    again = run("--variant", "rope_swiglu", "--preset", "smoke", "--workdir", "runs/a", "--leaderboard", "lb.csv",
+                cwd=home)
+    assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
+
+
+def test_a_killed_run_resumes_and_records_each_evaluation_once(home):
+    import signal
+    import time
+    args = ["--variant", "baseline", "--preset", "smoke", "--set", "train.steps=300", "--set", "train.ckpt_every=20",
+            "--set", "eval.every=100", "--workdir", "runs/k", "--leaderboard", "lb-k.csv", "--figures", "fig-k",
+            "--no-progress"]
+    process = subprocess.Popen([sys.executable, str(RUN), *args], cwd=home, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    checkpoints = home / "runs" / "k" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None and not (checkpoints / "120").is_dir():
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # no chance to save: as a crash or a lost machine
+    process.communicate()
+    assert not (home / "runs" / "k" / "summary.json").exists()
+    resumed = run(*args, "--resume", cwd=home)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = leaderboard(home / "lb-k.csv")
+    assert [int(r["step"]) for r in rows] == [100, 200, 300]
+    assert json.loads((home / "runs" / "k" / "summary.json").read_text())["final_step"] == 300
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--variant", "baseline", "--preset", "in100"], "python -m dit.data.extract"),
+    (["--variant", "baseline", "--preset", "smoke", "--set", "eval.metric=fid"], "python -m dit.eval.ref_stats"),
+    (["--variant", "baseline", "--preset", "smoke", "--set", "model.num_classes=7"], "--set model.num_classes=10"),
+    (["--variant", "baseline", "--preset", "smoke", "--resume", "--workdir", "runs/none"], "--resume"),
+])
+def test_missing_inputs_are_one_clear_error_and_create_no_run(home, args, message):
+    out = run(*args, "--leaderboard", "lb-x.csv", cwd=home)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert not (home / "lb-x.csv").exists() and not any((home / "runs").glob("baseline-*"))

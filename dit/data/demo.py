@@ -51,5 +51,5 @@ def demo_cache(root: str | Path = "data/digits", resolution: int = DEMO_RESOLUTI
     if not (cache / MANIFEST).is_file():
         images = write_digits(root)
         extract(images, PixelAutoencoder(), cache, resolution=resolution, batch_size=256, shard_size=512,
-                dtype="float32", progress=progress)
+                dtype="float32", name="digits", progress=progress)
     return cache

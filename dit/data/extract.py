@@ -68,9 +68,10 @@ def _files_digest(image_set: ImageSet) -> str:
 
 def extract(data: str | Path, autoencoder: Autoencoder, out: str | Path, *, resolution: int = 256,
             split: str = "train", batch_size: int = 64, shard_size: int = 1024, dtype: str = "float16",
-            scale_factor: float | None = None, progress: bool = True) -> dict | None:
+            scale_factor: float | None = None, name: str | None = None, progress: bool = True) -> dict | None:
     """Builds (or completes) the cache in `out`; returns its manifest, or None while other processes'
-    shards are still missing."""
+    shards are still missing. `name` is the dataset's name in results (default: imagenet100 for the
+    Kaggle layout, else the root folder's name)."""
     image_set = find_images(data, split)
     out = Path(out)
     expected = IMAGENET100_COUNTS.get(split) if image_set.layout == "imagenet100" else None
@@ -82,6 +83,7 @@ def extract(data: str | Path, autoencoder: Autoencoder, out: str | Path, *, reso
     if resolution % down:
         raise UserError(f"--resolution {resolution} is not a multiple of the autoencoder's downsampling {down}.")
     settings = {
+        "dataset": name or ("imagenet100" if image_set.layout == "imagenet100" else image_set.root.name),
         "data": str(image_set.root), "split": split, "layout": image_set.layout, "resolution": resolution,
         "autoencoder": {"source": autoencoder.source, "sha256": autoencoder.sha256},
         "scale_factor": float(scale_factor if scale_factor is not None else _scale_factor(autoencoder)),
@@ -194,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="cache directory (new, or an unfinished cache to complete)")
     parser.add_argument("--resolution", type=int, default=256, help="center-crop size (256 or 512)")
     parser.add_argument("--split", default="train", choices=("train", "val"))
+    parser.add_argument("--name", help="the dataset's name in results (default: imagenet100 for the Kaggle "
+                                       "layout, else the root folder's name)")
     parser.add_argument("--batch", type=int, default=64, help="images per encode batch on this process")
     parser.add_argument("--shard-size", type=int, default=1024, help="images per shard (the unit of resume)")
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="storage dtype")
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         initialize(args.coordinator, args.num_processes, args.process_id)
         autoencoder = load_autoencoder(args.vae, args.vae_dtype)
         extract(args.data, autoencoder, args.out, resolution=args.resolution, split=args.split,
-                batch_size=args.batch, shard_size=args.shard_size, dtype=args.dtype)
+                batch_size=args.batch, shard_size=args.shard_size, dtype=args.dtype, name=args.name)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code

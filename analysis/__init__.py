@@ -1,0 +1,1 @@
+"""Analysis: the leaderboard summary, plots and report figures, read from results and run directories."""

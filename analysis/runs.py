@@ -1,0 +1,177 @@
+"""Results on disk as pandas: run directories (config, metrics.jsonl, summary, sample grids) and the leaderboard CSV."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from dit.errors import UserError
+
+LEADERBOARD_COLUMNS = [
+    "date", "run_id", "variant", "params", "gflops", "preset", "dataset", "resolution", "objective", "sampler",
+    "sampling_steps", "cfg_scale", "step", "batch_size", "metric", "value", "num_samples", "seed", "img_per_s",
+    "hardware", "git_commit",
+]
+_GRID_NAME = re.compile(r"step_(\d+)\.png$")
+
+
+@dataclass
+class Run:
+    """One run directory as read: its config, its metrics (one row per step, the last logged wins)."""
+
+    path: Path
+    config: dict
+    metrics: pd.DataFrame
+    summary: dict | None  # None while running, or when killed before finishing
+    samples: list[tuple[int, Path]]  # (step, grid PNG), sorted by step
+
+    @property
+    def run_id(self) -> str:
+        return self.config.get("run_id") or self.path.name
+
+    @property
+    def variant(self) -> str:
+        return self.config.get("variant", "unknown")
+
+    @property
+    def metric(self) -> str:
+        """The evaluation metric's key in metrics.jsonl (`fid`, `fd_digits`); inferred for old configs."""
+        if self.config.get("metric"):
+            return self.config["metric"]
+        for name in ("fid", "fd_digits"):
+            if name in self.metrics.columns:
+                return name
+        return "fid"
+
+    @property
+    def dataset(self) -> str:
+        if self.config.get("dataset"):
+            return self.config["dataset"]
+        return "digits" if self.metric == "fd_digits" else "imagenet100"
+
+
+def read_metrics(path: Path) -> pd.DataFrame:
+    """metrics.jsonl as one row per step, sorted; a resumed run's repeated steps keep their last line.
+
+    A run killed mid-write leaves a partial line; when it is resumed, the next line is appended to that
+    partial one. Both are tolerated: a line that does not parse is cut to its last '{"step"' (every line
+    starts with the step), and a partial line with nothing to salvage is skipped.
+    """
+    records = []
+    if path.exists():
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            record = _parse_line(line)
+            if record is None:
+                warnings.warn(f"{path}:{number}: skipped a partially written line", stacklevel=2)
+            else:
+                records.append(record)
+    frame = pd.DataFrame.from_records(records)
+    if frame.empty:
+        return pd.DataFrame({"step": pd.Series(dtype="int64")})
+    frame = frame.dropna(subset=["step"]).astype({"step": "int64"})
+    return frame.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
+
+
+def _parse_line(line: str) -> dict | None:
+    for start in (0, line.rfind('{"step"')):
+        if start < 0:
+            continue
+        try:
+            record = json.loads(line[start:])
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            return record
+    return None
+
+
+def load_run(path: Path) -> Run:
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path / 'config.json'} is not valid JSON ({error}); fix or remove that run directory.")
+    summary_path = path / "summary.json"
+    summary = None
+    if summary_path.exists():
+        try:
+            summary = json.loads(summary_path.read_text())
+        except json.JSONDecodeError:
+            summary = None  # being written at this moment; the run reads as unfinished
+    samples = sorted((int(m.group(1)), p) for p in (path / "samples").glob("step_*.png")
+                     if (m := _GRID_NAME.search(p.name)))
+    return Run(path, config, read_metrics(path / "metrics.jsonl"), summary, samples)
+
+
+def load_runs(runs_dir: str | Path) -> list[Run]:
+    """Every run directory (one holding config.json) directly under `runs_dir`, sorted by name."""
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    return [load_run(p) for p in sorted(runs_dir.iterdir()) if (p / "config.json").is_file()]
+
+
+def metrics_frame(runs: list[Run]) -> pd.DataFrame:
+    """All runs' logged steps in long form; `value` is the run's eval metric on evaluation steps, else NaN.
+
+    `includes_compile` marks the first logged line of each training session (it carries compile_s), whose
+    throughput is not steady-state.
+    """
+    columns = ["run_id", "variant", "preset", "seed", "dataset", "metric", "params", "gflops", "batch_size",
+               "step", "loss", "img_per_s", "value", "num_samples", "includes_compile"]
+    parts = []
+    for run in runs:
+        m = run.metrics
+        if m.empty:
+            continue
+        train = run.config.get("train", {})
+        part = pd.DataFrame({
+            "run_id": run.run_id, "variant": run.variant, "preset": run.config.get("preset", ""),
+            "seed": train.get("seed", 0), "dataset": run.dataset, "metric": run.metric,
+            "params": run.config.get("params"), "gflops": run.config.get("gflops"),
+            "batch_size": train.get("batch_size"), "step": m["step"],
+            "loss": m.get("loss"), "img_per_s": m.get("img_per_s"),
+            "value": m.get(run.metric), "num_samples": m.get(f"{run.metric}_samples"),
+        }, columns=columns[:-1])
+        first = m["step"] == m["step"].min()
+        part["includes_compile"] = first | (m["compile_s"].notna() if "compile_s" in m else False)
+        parts.append(part)
+    if not parts:
+        return pd.DataFrame(columns=columns)
+    return pd.concat(parts, ignore_index=True)
+
+
+def read_leaderboard(path: str | Path) -> pd.DataFrame:
+    """results/leaderboard.csv with its columns checked; an absent file is an empty table."""
+    path = Path(path)
+    if not path.exists():
+        return pd.DataFrame(columns=LEADERBOARD_COLUMNS)
+    if path.is_dir():
+        raise UserError(f"the leaderboard {path} is a directory; pass the CSV file (results/leaderboard.csv).")
+    try:
+        table = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame(columns=LEADERBOARD_COLUMNS)
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise UserError(f"the leaderboard {path} is not a readable CSV ({error}).")
+    missing = [c for c in ("run_id", "variant", "dataset", "metric", "step", "value") if c not in table.columns]
+    if missing:
+        raise UserError(f"the leaderboard {path} lacks the columns {', '.join(missing)}; it is not a "
+                        f"leaderboard written by this harness (columns: {', '.join(LEADERBOARD_COLUMNS)}).")
+    return table
+
+
+def best_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (dataset, metric, variant): the evaluation with the lowest value (FID and FD: lower is better)."""
+    evaluated = table.dropna(subset=["value"])
+    if evaluated.empty:
+        return evaluated
+    best = evaluated.loc[evaluated.groupby(["dataset", "metric", "variant"])["value"].idxmin()]
+    return best.sort_values(["dataset", "metric", "value"]).reset_index(drop=True)

@@ -1,0 +1,1 @@
+"""Evaluation: the FID Inception network, reference statistics, FID."""

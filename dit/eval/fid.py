@@ -1,0 +1,167 @@
+"""`python -m dit.eval.fid`: FID (with Inception Score, precision and recall) of samples or of a run.
+
+Samples come from an ADM-style `.npz` (`arr_0`, uint8 NHWC), a folder of images, or a run directory:
+then `eval.num_samples` class-balanced images (10,000 by default: FID-10K) are sampled with the EMA
+parameters of a checkpoint and the run's sampler and guidance (changeable with --set eval.*), decoded,
+and quantised to uint8 as a saved PNG would be. The result is JSON with everything needed to reproduce it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from dit.errors import UserError
+from dit.eval.metrics import frechet_distance, inception_score, precision_recall, statistics
+
+__all__ = ["frechet_distance", "evaluate_images", "sample_run", "main"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def evaluate_images(images: np.ndarray, inception, reference, batch_size: int = 200) -> dict:
+    """FID, Inception Score and precision/recall of uint8 images against a Reference."""
+    started = time.perf_counter()
+    features, logits = inception.features_and_logits(images, batch_size=batch_size)
+    features_s = time.perf_counter() - started
+    mu, sigma = statistics(features)
+    result = {"fid": frechet_distance(mu, sigma, reference.mu, reference.sigma), "num_samples": len(images)}
+    result["inception_score"], result["inception_score_std"] = inception_score(logits)
+    if reference.features is not None and len(reference.features) > 3 and len(features) > 3:
+        result["precision"], result["recall"] = precision_recall(reference.features, features[:len(reference.features)])
+    result["features_s"] = features_s
+    return result
+
+
+def read_npz(path: Path) -> np.ndarray:
+    try:
+        images = np.load(path)["arr_0"]
+    except Exception as error:
+        raise UserError(f"{path} is not a sample batch .npz with arr_0 ({error}).") from None
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise UserError(f"{path}: arr_0 must be uint8 NHWC images, got {images.dtype} {images.shape}.")
+    return images
+
+
+def read_folder(folder: Path) -> np.ndarray:
+    from PIL import Image
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}.")
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in files]
+    if len({im.shape for im in images}) > 1:
+        raise UserError(f"the images in {folder} differ in size; FID needs samples of one size.")
+    return np.stack(images)
+
+
+def sample_run(run_dir: Path, step: int | None, overrides: list[str], num_samples: int | None, seed: int | None,
+               progress: bool = True) -> tuple[np.ndarray, dict]:
+    """Samples from a run's checkpoint with its EMA parameters; returns the images and the settings used."""
+    from dit.autoencoder import decoder_for
+    from dit.checkpoint import Checkpoints
+    from dit.config import apply_overrides, from_dict
+    from dit.mesh import data_mesh, replicated
+    from dit.model import DiT
+    from dit.sample import generate
+    from dit.train import create_optimizer, init_state
+
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.json); give the directory ablations/run.py made.")
+    run = apply_overrides(from_dict(json.loads(config_path.read_text())), overrides)
+    checkpoints = Checkpoints(run_dir / "checkpoints", run.train)
+    steps = checkpoints.manager.all_steps()
+    if not steps:
+        raise UserError(f"{run_dir} holds no finished checkpoint to evaluate.")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise UserError(f"{run_dir} has no checkpoint at step {step}; it has {', '.join(map(str, sorted(steps)))}.")
+    optimizer, _ = create_optimizer(run.train)
+    abstract = jax.eval_shape(lambda: init_state(run.model, run.train, optimizer)[1])  # shapes only
+    graphdef = nnx.split(nnx.eval_shape(lambda: DiT(run.model, rngs=nnx.Rngs(0))))[0]
+    sharding = replicated(data_mesh())
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+    state, _ = checkpoints.restore(step, abstract)
+    checkpoints.close()
+    timings: dict = {}
+    seed = run.train.seed if seed is None else seed
+    images = generate(graphdef, state["ema"], run.model, run.train, run.eval, seed=seed, num_samples=num_samples,
+                      decoder=decoder_for(run.data), progress=progress, timings=timings)
+    settings = {"run": str(run_dir), "step": step, "variant": run.variant, "objective": run.train.objective,
+                "sampler": run.eval.sampler or ("ddpm" if run.train.objective == "ddpm" else "sde"),
+                "sampling_steps": run.eval.sampling_steps, "cfg_scale": run.eval.cfg_scale,
+                "guidance_interval": [run.eval.guidance_low, run.eval.guidance_high], "seed": seed, **timings}
+    return images, settings
+
+
+def write_json_new(path: Path, content: dict) -> None:
+    """Results are never overwritten: a new file, written atomically."""
+    if path.exists():
+        raise UserError(f"{path} already exists; choose another --out (results are never overwritten).")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    tmp.write_text(json.dumps(content, indent=2))
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dit.eval.fid", description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--samples", type=Path, help="an ADM-style .npz with arr_0 (uint8 NHWC)")
+    source.add_argument("--images", type=Path, help="a folder of sample images")
+    source.add_argument("--run", type=Path, help="a run directory: sample from its checkpoint's EMA parameters")
+    parser.add_argument("--ref", required=True, type=Path, help="reference statistics (python -m dit.eval.ref_stats)")
+    parser.add_argument("--step", type=int, help="with --run: the checkpoint step (default the latest)")
+    parser.add_argument("--num-samples", type=int, help="with --run: default eval.num_samples (10,000)")
+    parser.add_argument("--seed", type=int, help="with --run: default the run's train.seed")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="with --run: change the sampling, e.g. --set eval.cfg_scale=1.5")
+    parser.add_argument("--inception", help="FID Inception weights (default: the cached pytorch-fid download)")
+    parser.add_argument("--out", type=Path, help="write the result JSON here (a new file)")
+    parser.add_argument("--batch", type=int, default=200, help="images per Inception batch")
+    parser.add_argument("--save-samples", type=Path, help="with --run: also write the samples as an ADM .npz")
+    args = parser.parse_args(argv)
+    try:
+        from dit.eval.inception import load_inception
+        from dit.eval.reference import load_reference
+        if args.out is not None and args.out.exists():
+            raise UserError(f"{args.out} already exists; choose another --out (results are never overwritten).")
+        inception = load_inception(args.inception)
+        reference = load_reference(args.ref, inception)
+        settings: dict = {}
+        if args.run is not None:
+            images, settings = sample_run(args.run, args.step, args.overrides, args.num_samples, args.seed)
+            if args.save_samples is not None and jax.process_index() == 0:
+                from dit.sample import save_npz
+                save_npz(images, args.save_samples)
+        elif args.samples is not None:
+            images, settings = read_npz(args.samples), {"samples": str(args.samples)}
+        else:
+            images, settings = read_folder(args.images), {"images": str(args.images)}
+        result = evaluate_images(images, inception, reference, args.batch)
+        record = {**result, **settings, "reference": reference.source, "reference_sha256": reference.sha256,
+                  "reference_count": reference.count, "inception_sha256": inception.sha256,
+                  "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
+                  "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        if jax.process_index() == 0:
+            print(json.dumps(record, indent=2))
+            if args.out is not None:
+                write_json_new(args.out, record)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

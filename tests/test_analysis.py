@@ -1,0 +1,227 @@
+"""The analysis: reading run directories, the figures, the report command and the notebooks, on fixture results."""
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from analysis import plots, report  # noqa: E402
+from analysis.leaderboard import best_per_variant  # noqa: E402
+from analysis.runs import best_rows, load_runs, metrics_frame, read_leaderboard, read_metrics  # noqa: E402
+from tests.fixtures_results import write_fixture_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+KINDS = ("{metric}_vs_steps", "loss_curves", "throughput", "metric_vs_cost", "sample_grids")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    return write_fixture_results(tmp_path_factory.mktemp("results"))
+
+
+@pytest.fixture(scope="module")
+def runs(results):
+    with pytest.warns(UserWarning, match="partially written"):
+        return load_runs(results["runs"])
+
+
+@pytest.fixture(scope="module")
+def frame(runs):
+    return metrics_frame(runs)
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def digits(df):
+    return df[df["dataset"] == "digits"]
+
+
+def test_load_runs_dedups_steps_and_tolerates_partial_lines(results, runs):
+    assert len(runs) == results["num_runs"]  # runs/notes has no config.json: not a run
+    by_path = {run.path: run for run in runs}
+    resumed = by_path[results["resumed_run"]]
+    steps = list(resumed.metrics["step"])
+    assert steps == sorted(set(steps)) == list(range(100, 1001, 100))
+    # Step 600 was logged twice; the resumed session's line (glued onto the partial one) wins.
+    lines = (resumed.path / "metrics.jsonl").read_text().splitlines()
+    resumed_600 = json.loads(lines[6][lines[6].rfind('{"step"'):])
+    first_600 = json.loads(lines[5])
+    assert first_600["step"] == resumed_600["step"] == 600 and first_600["loss"] != resumed_600["loss"]
+    assert resumed.metrics.set_index("step").loc[600, "loss"] == resumed_600["loss"]
+    assert "compile_s" in resumed_600 and resumed.summary is not None
+
+    killed = by_path[results["killed_run"]]
+    assert list(killed.metrics["step"]) == list(range(100, 701, 100))  # the partial step-800 line is dropped
+    assert killed.summary is None
+    assert [step for step, _ in killed.samples] == [200, 400, 600]
+
+
+def test_read_metrics_of_absent_or_empty_file(tmp_path):
+    assert read_metrics(tmp_path / "missing.jsonl").empty
+    (tmp_path / "partial.jsonl").write_text('{"step": 10, "lo')
+    with pytest.warns(UserWarning):
+        assert read_metrics(tmp_path / "partial.jsonl").empty
+
+
+def test_metrics_frame_long_form(results, runs, frame):
+    assert set(frame.columns) >= {"run_id", "variant", "preset", "seed", "dataset", "metric", "step", "loss",
+                                  "img_per_s", "value", "num_samples"}
+    assert set(zip(frame["dataset"], frame["metric"])) == {("digits", "fd_digits"), ("imagenet100", "fid")}
+    fid = frame[frame["metric"] == "fid"].dropna(subset=["value"])
+    assert (fid["num_samples"] == 10_000).all() and len(fid) == 2 * 5
+    assert sorted(digits(frame)["variant"].unique()) == results["digits_variants"]
+    assert not frame.duplicated(["run_id", "step"]).any()
+    # The first logged line of each session (with compile_s) is marked: two sessions in the resumed run.
+    resumed = frame[frame["run_id"] == results["resumed_run"].name]
+    assert list(resumed.loc[resumed["includes_compile"], "step"]) == [100, 600]
+
+
+def test_metric_vs_steps_one_line_per_variant_with_seed_bands(results, frame):
+    fig = plots.metric_vs_steps(digits(frame), "fd_digits")
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    assert sorted(line.get_label().split(" ")[0] for line in ax.lines) == results["digits_variants"]
+    assert len(ax.collections) == 3  # every digits variant has two seeds: a min-max band each
+    assert ax.get_yscale() == "log" and "training step" in ax.get_xlabel()
+    # The line is the mean over seeds.
+    baseline = digits(frame).query("variant == 'baseline' and step == 1000")["value"]
+    line = next(line for line in ax.lines if line.get_label().startswith("baseline"))
+    assert line.get_ydata()[-1] == pytest.approx(baseline.mean())
+
+    fig = plots.metric_vs_steps(frame[frame["dataset"] == "imagenet100"], "fid")
+    assert len(fig.axes[0].lines) == 2 and len(fig.axes[0].collections) == 0  # one seed each: no band
+    assert "FID-10K" in fig.axes[0].get_title()
+
+
+def test_figures_refuse_mixed_datasets(frame, runs):
+    with pytest.raises(ValueError, match="one figure per dataset"):
+        plots.loss_curves(frame)
+    with pytest.raises(ValueError, match="one figure per dataset"):
+        plots.sample_grids(runs)
+
+
+def test_loss_curves_raw_and_smoothed_per_variant(frame):
+    fig = plots.loss_curves(digits(frame))
+    lines = fig.axes[0].lines
+    assert len(lines) == 2 * 3  # raw and smoothed per variant
+    assert sorted(line.get_label() for line in lines if not line.get_label().startswith("_")) == [
+        "baseline", "rope", "rope_swiglu"]
+
+
+def test_metric_vs_cost_points_and_budget_line(results):
+    table = read_leaderboard(results["leaderboard"])
+    best = best_per_variant(table[table["dataset"] == "imagenet100"])
+    fig = plots.metric_vs_cost(best, "fid")
+    by_flops, by_params = fig.axes
+    assert len(by_flops.collections) == len(by_params.collections) == 2
+    assert len(by_params.lines) == 1 and by_params.lines[0].get_xdata()[0] == pytest.approx(33.0)
+    assert "parameters" in by_params.get_xlabel() and "GFLOPs" in by_flops.get_xlabel()
+    # Demo models are far below the budget's scale: no budget line stretching the axis to 33M.
+    fig = plots.metric_vs_cost(best_per_variant(digits(table)), "fd_digits")
+    assert len(fig.axes[0].collections) == 3 and len(fig.axes[1].lines) == 0
+
+
+def test_best_rows_of_runs(frame):
+    best = best_rows(frame)
+    assert len(best) == 3 + 2
+    fid = best[best["metric"] == "fid"]
+    assert fid["value"].tolist() == sorted(fid["value"]) and fid["step"].eq(100_000).all()
+
+
+def test_throughput_median_without_compile_steps(frame):
+    rows = digits(frame)
+    fig = plots.throughput(rows)
+    bars = fig.axes[0].patches
+    assert len(bars) == 3
+    steady = rows[~rows["includes_compile"]].groupby("variant")["img_per_s"].median()
+    assert [bar.get_height() for bar in bars] == pytest.approx(list(steady.sort_index()))
+
+
+def test_sample_grids_latest_per_variant(runs):
+    fig = plots.sample_grids([run for run in runs if run.dataset == "digits"])
+    assert len(fig.axes) == 3
+    assert all(len(ax.images) == 1 for ax in fig.axes)
+    assert [ax.get_title() for ax in fig.axes] == [f"{v}\nstep 1,000" for v in ("baseline", "rope", "rope_swiglu")]
+
+
+def test_palette_is_fixed_by_sorted_names():
+    assert plots.palette(["rope", "baseline"])["baseline"] == plots.palette(["baseline", "rope"])["baseline"]
+
+
+def test_report_writes_every_figure_per_group(results, tmp_path, capsys):
+    out = tmp_path / "figures"
+    code = report.main(["--runs", str(results["runs"]), "--leaderboard", str(results["leaderboard"]),
+                        "--out", str(out)])
+    assert code == 0
+    expected = {f"{kind.format(metric=metric)}-{dataset}-{metric}.{ext}"
+                for dataset, metric in (("digits", "fd_digits"), ("imagenet100", "fid"))
+                for kind in KINDS for ext in ("png", "pdf")}
+    assert {p.name for p in out.iterdir()} == expected
+    assert all((out / name).stat().st_size > 1000 for name in expected)
+    printed = capsys.readouterr()
+    assert all(name in printed.out for name in expected)
+    assert "note:" in printed.err and "partially written" in printed.err
+
+
+def test_report_from_the_leaderboard_alone(results, tmp_path):
+    out = tmp_path / "figures"
+    empty_runs = tmp_path / "runs"
+    empty_runs.mkdir()
+    assert report.main(["--runs", str(empty_runs), "--leaderboard", str(results["leaderboard"]),
+                        "--out", str(out)]) == 0
+    assert {p.name for p in out.glob("*.png")} == {
+        "fd_digits_vs_steps-digits-fd_digits.png", "fid_vs_steps-imagenet100-fid.png",
+        "throughput-digits-fd_digits.png", "throughput-imagenet100-fid.png",
+        "metric_vs_cost-digits-fd_digits.png", "metric_vs_cost-imagenet100-fid.png"}
+
+
+def test_report_with_nothing_to_draw(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default runs/ and results/leaderboard.csv are absent here
+    assert report.main([]) == 0
+    printed = capsys.readouterr().out
+    assert len(printed.strip().splitlines()) == 1
+    assert "python ablations/run.py --variant baseline --preset demo" in printed
+    assert not (tmp_path / "results" / "figures").exists()
+
+
+@pytest.mark.parametrize("flag", ["--runs", "--leaderboard", "--out"])
+def test_report_bad_paths_exit_2(results, tmp_path, capsys, flag):
+    paths = {"--runs": str(results["runs"]), "--leaderboard": str(results["leaderboard"]),
+             "--out": str(tmp_path / "figures")}
+    # A file where a directory belongs, a directory where the CSV belongs.
+    paths[flag] = str(results["leaderboard"]) if flag != "--leaderboard" else str(results["runs"])
+    assert report.main([part for pair in paths.items() for part in pair]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and flag in err and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+
+
+def test_report_missing_explicit_runs_dir_exits_2(tmp_path, capsys):
+    assert report.main(["--runs", str(tmp_path / "nope"), "--out", str(tmp_path / "out")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["fid_vs_steps", "variants"])
+def test_notebook_executes_on_fixtures(results, name, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    notebook = nbformat.read(ROOT / "analysis" / f"{name}.ipynb", as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # stored clean
+    monkeypatch.setenv("DIT_RUNS", str(results["runs"]))
+    monkeypatch.setenv("DIT_LEADERBOARD", str(results["leaderboard"]))
+    client = nbclient.NotebookClient(notebook, timeout=120, kernel_name="python3",
+                                     resources={"metadata": {"path": str(ROOT)}})
+    client.execute()  # raises CellExecutionError on any failing cell
+    images = [output for cell in notebook.cells for output in cell.get("outputs", [])
+              if "image/png" in output.get("data", {})]
+    assert len(images) >= 4  # a figure per group and kind, drawn inline

@@ -1,0 +1,103 @@
+"""End to end on the CPU: reference statistics, FID during training, and `python -m dit.eval.fid`."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dit.config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
+from dit.data.extract import extract
+from dit.autoencoder import PixelAutoencoder, decoder_for
+from dit.data.pipeline import CacheBatches
+from dit.eval.evaluator import FrechetEvaluator
+from dit.eval.fid import main
+from dit.eval.reference import load_reference
+from dit.eval.ref_stats import reference_statistics
+from dit.eval.inception import load_inception
+from dit.objectives import make_objective
+from dit.train import train
+from tests.fake_imagenet import make_class_folders
+from tests.helpers import write_random_inception
+
+RES = 8
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fid")
+    make_class_folders(root / "images", classes=3, per_class=8, size=(20, 16))
+    extract(root / "images", PixelAutoencoder(), root / "cache", resolution=RES, batch_size=8, shard_size=16,
+            dtype="float32", progress=False)
+    weights = write_random_inception(root / "inception.safetensors")
+    inception = load_inception(weights)
+    # Every Inception call here runs batches of 8 images: one compilation for the whole module.
+    reference_statistics(root / "images", inception, root / "ref.npz", resolution=RES, batch_size=8, progress=False)
+    return root, inception
+
+
+def test_reference_statistics_are_those_of_the_cropped_images(setup):
+    root, inception = setup
+    ref = load_reference(root / "ref.npz")
+    from dit.data.images import find_images, load_images
+    image_set = find_images(root / "images")
+    images, _, _ = load_images(image_set, np.arange(len(image_set)), RES)
+    features = inception.features(images, batch_size=8)
+    np.testing.assert_allclose(ref.mu, features.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ref.sigma, np.cov(features.astype(np.float64), rowvar=False), rtol=1e-4, atol=1e-6)
+    assert ref.count == 24 and ref.features.shape == (24, 2048) and ref.meta["resolution"] == RES
+    with pytest.raises(Exception, match="never overwritten"):
+        reference_statistics(root / "images", inception, root / "ref.npz", resolution=RES, progress=False)
+
+
+def test_fid_of_the_reference_images_themselves_is_zero(setup, tmp_path, capsys):
+    root, inception = setup
+    from dit.data.images import find_images, load_images
+    image_set = find_images(root / "images")
+    images, _, _ = load_images(image_set, np.arange(len(image_set)), RES)
+    np.savez(tmp_path / "same.npz", arr_0=images)
+    assert main(["--samples", str(tmp_path / "same.npz"), "--ref", str(root / "ref.npz"),
+                 "--inception", str(root / "inception.safetensors"), "--out", str(tmp_path / "r.json"),
+                 "--batch", "8"]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert abs(result["fid"]) < 1e-3 and result["num_samples"] == 24
+    assert result["precision"] == 1.0 and result["recall"] == 1.0
+    # A second evaluation never overwrites the first.
+    assert main(["--samples", str(tmp_path / "same.npz"), "--ref", str(root / "ref.npz"),
+                 "--inception", str(root / "inception.safetensors"), "--out", str(tmp_path / "r.json")]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_fid_during_training_then_from_the_run_directory(setup, tmp_path):
+    root, inception = setup
+    run = RunConfig(
+        model=ModelConfig(input_size=RES, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=3),
+        train=TrainConfig(steps=4, batch_size=8, ckpt_every=2, log_every=1),
+        eval=EvalConfig(every=3, num_samples=8, sampling_steps=2, batch_size=8),
+        data=DataConfig(cache=str(root / "cache")))
+    from flax import nnx
+    from dit.model import DiT
+    graphdef = nnx.split(DiT(run.model, rngs=nnx.Rngs(0)))[0]
+    reference = load_reference(root / "ref.npz")
+    evaluator = FrechetEvaluator("fid", inception.features, reference, decoder_for(run.data), run, graphdef,
+                                 sample_dir=tmp_path / "run" / "samples")
+    summary = train(run, tmp_path / "run", CacheBatches(root / "cache", 8, seed=0), make_objective(run),
+                    progress=False, evaluate=evaluator)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "fid" in r]
+    assert [r["step"] for r in evals] == [3, 4] and [r["step"] for r in records] == [1, 2, 3, 4]
+    for r in evals:
+        assert np.isfinite(r["fid"]) and r["fid"] > 0 and r["fid_samples"] == 8
+        assert r["eval_s"] >= r["sample_s"] + r["features_s"] and "img_per_s" in r
+    assert (tmp_path / "run" / "samples" / "step_0000004.png").is_file()
+    assert summary["last_metrics"]["fid"] == evals[-1]["fid"]
+
+    out = tmp_path / "fid.json"
+    assert main(["--run", str(tmp_path / "run"), "--ref", str(root / "ref.npz"), "--inception",
+                 str(root / "inception.safetensors"), "--num-samples", "8", "--out", str(out), "--batch", "8"]) == 0
+    result = json.loads(out.read_text())
+    # The checkpoint's EMA with the run's sampling settings and seed: the number the loop logged.
+    assert result["fid"] == pytest.approx(evals[-1]["fid"], rel=1e-4)
+    for key in ("step", "seed", "sampler", "sampling_steps", "cfg_scale", "num_samples", "reference_sha256",
+                "inception_sha256", "inception_score", "sample_s", "decode_s", "features_s"):
+        assert key in result, key
+    assert result["step"] == 4 and result["num_samples"] == 8 and result["sampler"] == "ddpm"
