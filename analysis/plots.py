@@ -215,7 +215,7 @@ def sample_grids(runs: list[Run]) -> Figure:
         if run.samples and run.samples[-1][0] > latest.get(run.variant, (-1, None))[0]:
             latest[run.variant] = run.samples[-1]
     names = sorted(latest)
-    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(3 * max(len(names), 1), 3.4),
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(max(5.0, 3 * len(names)), 3.4),
                              layout="constrained", squeeze=False)
     for ax, name in zip(axes[0], names):
         step, path = latest[name]

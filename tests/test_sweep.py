@@ -1,0 +1,38 @@
+"""`ablations/sweep.py`: fixed run directories, complete runs skipped, cut-off runs resumed, commands printed."""
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+SWEEP = Path(__file__).resolve().parents[1] / "ablations" / "sweep.py"
+
+
+def sweep(*args, cwd):
+    return subprocess.run([sys.executable, str(SWEEP), *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_print_lists_one_command_per_run_skipping_complete_and_resuming_cut_off_ones(tmp_path):
+    (tmp_path / "runs" / "rope-smoke-seed0").mkdir(parents=True)
+    (tmp_path / "runs" / "rope-smoke-seed0" / "summary.json").write_text("{}")
+    (tmp_path / "runs" / "baseline-smoke-seed1" / "checkpoints").mkdir(parents=True)
+    out = sweep("--variants", "baseline,rope", "--seeds", "0,1", "--preset", "smoke", "--set", "train.steps=8",
+                "--print", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 4 and lines[2] == "# runs/rope-smoke-seed0: complete"
+    commands = {line: shlex.split(line) for line in lines if not line.startswith("#")}
+    by_dir = {c[c.index("--workdir") + 1]: c for c in commands.values()}
+    assert set(by_dir) == {"runs/baseline-smoke-seed0", "runs/baseline-smoke-seed1", "runs/rope-smoke-seed1"}
+    assert "--resume" in by_dir["runs/baseline-smoke-seed1"] and "--resume" not in by_dir["runs/baseline-smoke-seed0"]
+    assert "train.seed=1" in by_dir["runs/rope-smoke-seed1"] and "train.seed=0" in by_dir["runs/baseline-smoke-seed0"]
+    assert all("train.steps=8" in command for command in by_dir.values())
+    assert not list((tmp_path / "runs").glob("*/config.json"))  # printing runs nothing
+
+
+def test_bad_names_and_over_budget_variants_fail_before_any_run(tmp_path):
+    out = sweep("--variants", "baseline,ropee", "--seeds", "0", "--preset", "smoke", cwd=tmp_path)
+    assert out.returncode == 2 and "ropee" in out.stderr and "Traceback" not in out.stderr
+    out = sweep("--variants", "baseline", "--seeds", "zero", cwd=tmp_path)
+    assert out.returncode == 2 and "--seeds" in out.stderr
+    assert not (tmp_path / "runs").exists()
