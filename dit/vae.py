@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import re
 from pathlib import Path
 from typing import Mapping
@@ -27,6 +26,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from dit.errors import UserError
+from dit.files import sha256_of
 from dit.layers import linear
 
 # The only place the latent scale is defined. Callers multiply the VAE's latents by it before diffusion
@@ -389,14 +389,6 @@ def _download(repo_id: str) -> Path:
                        f"({type(e).__name__}: {e}); {how}") from None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load_vae(path, norm_num_groups: int = 32, dtype: str = "float32") -> VAE:
     """A VAE from a diffusers AutoencoderKL .safetensors file (or its folder), a Hugging Face repo id, or a
     dict of arrays.
@@ -422,4 +414,4 @@ def load_vae(path, norm_num_groups: int = 32, dtype: str = "float32") -> VAE:
     except Exception as e:  # safetensors raises its own error type for files it cannot parse
         raise VAEError(f"could not read {file} as a .safetensors file ({e}); give a diffusers AutoencoderKL "
                        f"{HUB_FILENAME}.") from None
-    return vae_from_state_dict(sd, norm_num_groups, dtype, source=source, sha256=_sha256(file))
+    return vae_from_state_dict(sd, norm_num_groups, dtype, source=source, sha256=sha256_of(file))

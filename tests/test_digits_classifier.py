@@ -12,6 +12,7 @@ import dit.eval.digits_classifier as dc
 from dit.data.demo import demo_cache
 from dit.errors import UserError
 from dit.eval.metrics import frechet_distance, statistics
+from dit.files import sha256_of
 from dit.sample import to_uint8
 
 
@@ -75,7 +76,7 @@ def test_training_is_deterministic_for_a_seed(cache):
 def test_load_or_train_reuses_the_saved_classifier(cache, classifier, monkeypatch):
     path = dc.classifier_path(cache)
     assert path == classifier.path and path.parent == cache.parent and path.name == "classifier-16.npz"
-    assert classifier.sha256 == dc.file_sha256(path)
+    assert classifier.sha256 == sha256_of(path)
     stamp = path.stat().st_mtime_ns
 
     def no_training(*args, **kwargs):

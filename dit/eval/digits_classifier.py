@@ -32,7 +32,8 @@ from flax import nnx
 from dit.data.cache import MANIFEST, LatentCache
 from dit.errors import UserError
 from dit.eval.metrics import statistics
-from dit.eval.reference import Reference, file_sha256
+from dit.eval.reference import Reference
+from dit.files import sha256_of
 
 METRIC_NAME = "fd_digits"
 ARCHITECTURE_VERSION = 1  # bump when the network or its training changes: saved classifiers are then retrained
@@ -78,7 +79,7 @@ def from_uint8(images) -> jax.Array:
 
 
 def manifest_sha256(cache_dir: str | Path) -> str:
-    return file_sha256(Path(cache_dir) / MANIFEST)
+    return sha256_of(Path(cache_dir) / MANIFEST)
 
 
 def cache_images(cache: LatentCache) -> tuple[np.ndarray, np.ndarray]:
@@ -242,7 +243,7 @@ def load_classifier(path: str | Path) -> DigitsClassifier:
         for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
             var.set_value(jnp.asarray(data[_key(p)]))
     graphdef, params = nnx.split(model)
-    return DigitsClassifier(graphdef, params, path, file_sha256(path), meta)
+    return DigitsClassifier(graphdef, params, path, sha256_of(path), meta)
 
 
 def _read_meta(path: Path) -> dict | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import shutil
 import urllib.request
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from dit.errors import UserError
+from dit.files import sha256_of
 from dit.mesh import batch_sharded, data_mesh, replicated
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -490,14 +490,6 @@ def read_state_dict(path: Path) -> dict[str, np.ndarray]:
     if not isinstance(raw, Mapping):
         raise InceptionError(f"{path} holds a {type(raw).__name__}, not a state dict; give {FID_WEIGHTS_NAME}.")
     return {k: v.detach().cpu().float().numpy() for k, v in raw.items() if hasattr(v, "detach")}
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fetch(url: str, dest: Path) -> None:

@@ -7,7 +7,6 @@ the samples; `load_reference` reads them back, and also reads ADM-style referenc
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from dit.errors import UserError
+from dit.files import sha256_of
 
 
 @dataclass(frozen=True)
@@ -26,14 +26,6 @@ class Reference:
     source: str
     sha256: str
     meta: dict = field(default_factory=dict)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_reference(path: str | Path, inception=None) -> Reference:
@@ -51,7 +43,7 @@ def load_reference(path: str | Path, inception=None) -> Reference:
     except Exception as error:
         raise UserError(f"{path} is not a readable .npz file ({error}); give reference statistics made by "
                         f"`python -m dit.eval.ref_stats` or an ADM reference batch.") from None
-    digest = file_sha256(path)
+    digest = sha256_of(path)
     if "mu" in data and "sigma" in data:
         features = data["features"] if "features" in data else None
         meta = json.loads(str(data["meta"])) if "meta" in data else {}
