@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -97,25 +98,56 @@ def _batch_sampler(graphdef, model_cfg: ModelConfig, train_cfg: TrainConfig, eva
     decode, _ = as_function(decoder, "decode")
     shape = (eval_cfg.batch_size, model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
 
-    @jax.jit
+    # Outputs stay sharded by rows, so each process can take its own rows (`local_rows`).
+    @functools.partial(jax.jit, out_shardings=batch_sharded(mesh))
     def sample_batch(params, key, y):
         model = nnx.merge(graphdef, params)
         key_noise, key_sampler = jax.random.split(key)
         noise = jax.lax.with_sharding_constraint(jax.random.normal(key_noise, shape), batch_sharded(mesh))
         return sampler(lambda x, t, y: model(x, t, y), noise, key_sampler, y)
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=batch_sharded(mesh))
     def decode_batch(decoder_weights, latents):
         return to_uint8(decode(decoder_weights, latents))
 
     return sample_batch, decode_batch
 
 
-def generate(graphdef, params, model_cfg: ModelConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig, *,
-             seed: int, num_samples: int | None = None, decoder: Decoder | None = None,
-             progress: bool = True, timings: dict | None = None) -> np.ndarray:
-    """num_samples (default eval.num_samples) class-balanced uint8 images (N, H, W, C), deterministic for
-    the seed whatever the device count: batch i uses key fold_in(seed, i).
+@dataclass
+class Samples:
+    """This process's share of a sampling run: its rows of every batch, in sample order, and where each row
+    sits in the whole run. On one process that is every sample (plus the padding of the last batch)."""
+
+    images: np.ndarray  # uint8 (n, H, W, C)
+    index: np.ndarray  # int (n,): position in the class-balanced order; >= total for padding rows
+    total: int  # the number of samples asked for
+
+    def gather(self, rows: np.ndarray) -> np.ndarray:
+        """Per-row results of this share (the images, or features computed from them) -> those of all
+        processes in sample order, padding dropped. Cheap to call with features: only they travel."""
+        index = self.index
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            rows = multihost_utils.process_allgather(rows, tiled=True)
+            index = multihost_utils.process_allgather(index, tiled=True)
+        order = np.argsort(index, kind="stable")
+        return np.asarray(rows)[order[index[order] < self.total]]
+
+
+def local_rows(array: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A batch-sharded global array -> (this process's rows, their row numbers), in row order."""
+    shards = sorted(array.addressable_shards, key=lambda shard: shard.index[0].indices(array.shape[0])[0])
+    rows = np.concatenate([np.asarray(shard.data) for shard in shards])
+    index = np.concatenate([np.arange(*shard.index[0].indices(array.shape[0])) for shard in shards])
+    return rows, index
+
+
+def generate_shares(graphdef, params, model_cfg: ModelConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig, *,
+                    seed: int, num_samples: int | None = None, decoder: Decoder | None = None,
+                    progress: bool = True, timings: dict | None = None) -> Samples:
+    """num_samples (default eval.num_samples) class-balanced uint8 images, deterministic for the seed whatever
+    the device count: batch i uses key fold_in(seed, i). Every process gets only the rows its devices made,
+    so an evaluation embeds each image once, where it was made, and gathers features, not images.
 
     With a `timings` dict, adds the seconds spent sampling and decoding to its "sample_s" and "decode_s"
     (waiting for each; without it, the device runs ahead of the host)."""
@@ -129,7 +161,7 @@ def generate(graphdef, params, model_cfg: ModelConfig, train_cfg: TrainConfig, e
     sample_batch, decode_batch = _batch_sampler(graphdef, model_cfg, train_cfg, eval_cfg, decoder, mesh)
     decoder_weights = jax.device_put(as_function(decoder, "decode")[1], replicated(mesh))
     labels = balanced_labels(num_samples, model_cfg.num_classes)
-    out = []
+    images, index = [], []
     for i in tqdm(range(math.ceil(num_samples / batch)), disable=not progress, desc="sample", unit="batch"):
         y = np.resize(labels[i * batch:(i + 1) * batch], batch)  # the last batch is padded, then cut
         y = jax.device_put(jnp.asarray(y), batch_sharded(mesh))
@@ -139,15 +171,23 @@ def generate(graphdef, params, model_cfg: ModelConfig, train_cfg: TrainConfig, e
             jax.block_until_ready(latents)
             timings["sample_s"] = timings.get("sample_s", 0.0) + time.perf_counter() - started
             started = time.perf_counter()
-        images = decode_batch(decoder_weights, latents)
+        decoded = decode_batch(decoder_weights, latents)
         if timings is not None:
-            jax.block_until_ready(images)
+            jax.block_until_ready(decoded)
             timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - started
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            images = multihost_utils.process_allgather(images, tiled=True)
-        out.append(np.asarray(images))
-    return np.concatenate(out)[:num_samples]
+        rows, rows_index = local_rows(decoded)
+        images.append(rows)
+        index.append(i * batch + rows_index)
+    return Samples(np.concatenate(images), np.concatenate(index), num_samples)
+
+
+def generate(graphdef, params, model_cfg: ModelConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig, *,
+             seed: int, num_samples: int | None = None, decoder: Decoder | None = None,
+             progress: bool = True, timings: dict | None = None) -> np.ndarray:
+    """All num_samples images (N, H, W, C) on every process: `generate_shares`, gathered."""
+    samples = generate_shares(graphdef, params, model_cfg, train_cfg, eval_cfg, seed=seed, num_samples=num_samples,
+                              decoder=decoder, progress=progress, timings=timings)
+    return samples.gather(samples.images)
 
 
 def save_grid(images: np.ndarray, path: Path, columns: int | None = None) -> None:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 SCRIPT = Path(__file__).resolve().parent / "multiprocess_train.py"
 
 
@@ -62,3 +64,26 @@ def test_local_checkpoints_per_process_and_resume_agreement(tmp_path):
     procs, outs = run_two(tmp_path / "run", 6, "--local", "--resume")
     assert [p.returncode for p in procs] == [2, 2]
     assert "process 0: 4, process 1: none" in outs[0][1] or "process 0: 4, process 1: 2" in outs[0][1]
+
+
+def test_samples_are_made_and_embedded_once_across_processes(tmp_path):
+    script = str(Path(__file__).resolve().parent / "multiprocess_sample.py")
+    single = subprocess.run([sys.executable, script, str(tmp_path / "one.npz")], env=env(4),
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    coordinator = f"127.0.0.1:{free_port()}"
+    procs = [subprocess.Popen([sys.executable, script, str(tmp_path / "two.npz"), "--coordinator", coordinator,
+                               "--num-processes", "2", "--process-id", str(i)],
+                              env=env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[1][1][-3000:]
+    # 2 batches of 8 rows: one process makes all 16 (13 kept), each of two processes half of them.
+    assert "ROWS 16" in single.stdout
+    assert all("ROWS 8" in out for out, _ in outs)
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert one["images"].shape == two["images"].shape == (13, 8, 8, 4)
+    # The same 4 devices either way: the same samples in the same order, up to a rounding step.
+    assert np.abs(one["images"].astype(int) - two["images"].astype(int)).max() <= 1
+    np.testing.assert_allclose(two["features"], two["images"].reshape(13, -1).mean(-1), rtol=1e-6)
+    np.testing.assert_allclose(one["features"], one["images"].reshape(13, -1).mean(-1), rtol=1e-6)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from dit.config import EvalConfig, TrainConfig
 from dit.diffusion import create_diffusion
-from dit.sample import balanced_labels, generate, make_sampler, save_grid, save_npz, to_uint8
+from dit.sample import Samples, balanced_labels, generate, generate_shares, make_sampler, save_grid, save_npz, to_uint8
 from tests.helpers import TINY, randomized
 
 EVAL = EvalConfig(num_samples=12, sampling_steps=5, batch_size=8)
@@ -87,3 +87,17 @@ def test_files(tmp_path):
     grid = np.asarray(Image.open(tmp_path / "grid.png"))
     assert grid.shape == (2 * 8 + 2, 3 * 8 + 2, 3)
     np.testing.assert_array_equal(grid[2:8, 10:16], images[1])
+
+
+def test_a_share_gathers_in_sample_order_without_the_padding():
+    samples = Samples(images=np.zeros((5, 1, 1, 1), np.uint8), index=np.array([3, 0, 7, 1, 2]), total=4)
+    rows = np.array([30, 0, 70, 10, 20])  # rows computed from the share, in its order
+    np.testing.assert_array_equal(samples.gather(rows), [0, 10, 20, 30])
+
+
+def test_one_process_share_is_every_sample_in_order(model):
+    shares = generate_shares(*model, TINY, TrainConfig(), EVAL, seed=0, decoder=Shrink(), progress=False)
+    assert shares.total == 12 and len(shares.images) == 16  # two batches of 8, the last padded
+    np.testing.assert_array_equal(shares.index, np.arange(16))
+    whole = generate(*model, TINY, TrainConfig(), EVAL, seed=0, decoder=Shrink(), progress=False)
+    np.testing.assert_array_equal(shares.images[:12], whole)

@@ -18,7 +18,7 @@ import numpy as np
 from dit.config import RunConfig
 from dit.eval.metrics import frechet_distance, statistics
 from dit.eval.reference import Reference
-from dit.sample import Decoder, generate, save_grid
+from dit.sample import Decoder, generate_shares, save_grid
 
 GRID_IMAGES = 64
 
@@ -31,7 +31,7 @@ class FrechetEvaluator:
     decoder: Decoder
     run: RunConfig
     graphdef: object
-    sample_dir: Path | None = None  # sample grids go here (process 0 only)
+    sample_dir: Path | None = None  # sample grids go here (process 0 only, of its own samples)
     progress: bool = False
 
     def __call__(self, step: int, ema_params) -> dict:
@@ -40,17 +40,20 @@ class FrechetEvaluator:
         timings: dict = {}
         started = time.perf_counter()
         # The same seed at every evaluation: the curve over steps then compares the same noise.
-        images = generate(self.graphdef, ema_params, self.run.model, self.run.train, cfg, seed=self.run.train.seed,
-                          decoder=self.decoder, progress=self.progress, timings=timings)
+        samples = generate_shares(self.graphdef, ema_params, self.run.model, self.run.train, cfg,
+                                  seed=self.run.train.seed, decoder=self.decoder, progress=self.progress,
+                                  timings=timings)
+        images = samples.images  # this process's share: each image is embedded once, where it was made
         if images.shape[-1] == 1:
             images = np.repeat(images, 3, axis=-1)
         features_start = time.perf_counter()
-        features = self.embed(images)
+        features = samples.gather(self.embed(images))
         timings["features_s"] = time.perf_counter() - features_start
         mu, sigma = statistics(features)
         value = frechet_distance(mu, sigma, self.reference.mu, self.reference.sigma)
         if self.sample_dir is not None and jax.process_index() == 0:
             self.sample_dir.mkdir(parents=True, exist_ok=True)
-            save_grid(images[:GRID_IMAGES], self.sample_dir / f"step_{step:07d}.png")
-        return {self.name: value, f"{self.name}_samples": len(images),
+            save_grid(samples.images[samples.index < samples.total][:GRID_IMAGES],
+                      self.sample_dir / f"step_{step:07d}.png")
+        return {self.name: value, f"{self.name}_samples": len(features),
                 "eval_s": time.perf_counter() - started, **timings}

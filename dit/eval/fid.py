@@ -16,6 +16,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import jax
 import numpy as np
@@ -24,15 +25,22 @@ from flax import nnx
 from dit.errors import UserError
 from dit.eval.metrics import frechet_distance, inception_score, precision_recall, statistics
 
+if TYPE_CHECKING:
+    from dit.sample import Samples
+
 __all__ = ["frechet_distance", "evaluate_images", "sample_run", "main"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-def evaluate_images(images: np.ndarray, inception, reference, batch_size: int = 200) -> dict:
-    """FID, Inception Score and precision/recall of uint8 images against a Reference."""
+def evaluate_images(images: np.ndarray, inception, reference, batch_size: int = 200,
+                    gather: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+    """FID, Inception Score and precision/recall of uint8 images against a Reference. With `gather`
+    (`Samples.gather`), `images` are this process's share and the features of all shares are gathered."""
     started = time.perf_counter()
     features, logits = inception.features_and_logits(images, batch_size=batch_size)
+    if gather is not None:
+        features, logits = gather(features), gather(logits)
     features_s = time.perf_counter() - started
     mu, sigma = statistics(features)
     result = {"fid": frechet_distance(mu, sigma, reference.mu, reference.sigma), "num_samples": len(images)}
@@ -65,14 +73,15 @@ def read_folder(folder: Path) -> np.ndarray:
 
 
 def sample_run(run_dir: Path, step: int | None, overrides: list[str], num_samples: int | None, seed: int | None,
-               progress: bool = True) -> tuple[np.ndarray, dict]:
-    """Samples from a run's checkpoint with its EMA parameters; returns the images and the settings used."""
+               progress: bool = True) -> tuple[Samples, dict]:
+    """Samples from a run's checkpoint with its EMA parameters; returns this process's share of the samples
+    and the settings used."""
     from dit.autoencoder import decoder_for
     from dit.checkpoint import Checkpoints
     from dit.config import apply_overrides, from_dict
     from dit.mesh import data_mesh, replicated
     from dit.model import DiT
-    from dit.sample import generate
+    from dit.sample import generate_shares
     from dit.train import create_optimizer, init_state
 
     config_path = run_dir / "config.json"
@@ -95,13 +104,14 @@ def sample_run(run_dir: Path, step: int | None, overrides: list[str], num_sample
     checkpoints.close()
     timings: dict = {}
     seed = run.train.seed if seed is None else seed
-    images = generate(graphdef, state["ema"], run.model, run.train, run.eval, seed=seed, num_samples=num_samples,
-                      decoder=decoder_for(run.data), progress=progress, timings=timings)
+    samples = generate_shares(graphdef, state["ema"], run.model, run.train, run.eval, seed=seed,
+                              num_samples=num_samples, decoder=decoder_for(run.data), progress=progress,
+                              timings=timings)
     settings = {"run": str(run_dir), "step": step, "variant": run.variant, "objective": run.train.objective,
                 "sampler": run.eval.sampler or ("ddpm" if run.train.objective == "ddpm" else "sde"),
                 "sampling_steps": run.eval.sampling_steps, "cfg_scale": run.eval.cfg_scale,
                 "guidance_interval": [run.eval.guidance_low, run.eval.guidance_high], "seed": seed, **timings}
-    return images, settings
+    return samples, settings
 
 
 def write_json_new(path: Path, content: dict) -> None:
@@ -139,16 +149,20 @@ def main(argv: list[str] | None = None) -> int:
         inception = load_inception(args.inception)
         reference = load_reference(args.ref, inception)
         settings: dict = {}
+        gather = None
         if args.run is not None:
-            images, settings = sample_run(args.run, args.step, args.overrides, args.num_samples, args.seed)
-            if args.save_samples is not None and jax.process_index() == 0:
-                from dit.sample import save_npz
-                save_npz(images, args.save_samples)
+            samples, settings = sample_run(args.run, args.step, args.overrides, args.num_samples, args.seed)
+            images, gather = samples.images, samples.gather
+            if args.save_samples is not None:
+                everything = samples.gather(samples.images)  # every process takes part in the gather
+                if jax.process_index() == 0:
+                    from dit.sample import save_npz
+                    save_npz(everything, args.save_samples)
         elif args.samples is not None:
             images, settings = read_npz(args.samples), {"samples": str(args.samples)}
         else:
             images, settings = read_folder(args.images), {"images": str(args.images)}
-        result = evaluate_images(images, inception, reference, args.batch)
+        result = evaluate_images(images, inception, reference, args.batch, gather)
         record = {**result, **settings, "reference": reference.source, "reference_sha256": reference.sha256,
                   "reference_count": reference.count, "inception_sha256": inception.sha256,
                   "backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
