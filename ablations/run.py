@@ -129,25 +129,18 @@ def check_resume_config(workdir: Path, config: RunConfig) -> RunConfig:
 
 
 def check_data(config: RunConfig, progress: bool):
-    """The latent cache (built here for the built-in digits) matching the model; returns it."""
-    from dit.data.cache import LatentCache
-    if not config.data.cache:
-        raise UserError("no training data configured: set data.cache to a latent cache made by `python -m "
-                        "dit.data.extract --data ROOT --vae stabilityai/sd-vae-ft-ema --out DIR` (--set data.cache=DIR).")
-    prepare_data(config, progress)
-    cache = LatentCache(config.data.cache)
-    shape = (config.model.input_size, config.model.input_size, config.model.in_channels)
-    if cache.latent_shape != shape or cache.num_classes != config.model.num_classes:
-        h, w, c = cache.latent_shape
-        raise UserError(
-            f"the cache {config.data.cache} holds {h}x{w}x{c} latents in {cache.num_classes} classes, but the model "
-            f"expects {shape[0]}x{shape[1]}x{shape[2]} in {config.model.num_classes}; pass --set model.input_size={h} "
-            f"--set model.in_channels={c} --set model.num_classes={cache.num_classes}, or another data.cache."
-        )
-    return cache
+    """The training data (the latent cache, built here for the built-in digits, or images on the fly),
+    checked against the model; returns its TrainingData."""
+    from dit.data.source import training_data
+    if not config.data.images:
+        prepare_data(config, progress)
+    data = training_data(config.data)
+    data.check_model(config.model, f"data.images={config.data.images}" if data.cache is None
+                     else f"the cache {config.data.cache}")
+    return data
 
 
-def build_evaluator(config: RunConfig, cache, workdir: Path):
+def build_evaluator(config: RunConfig, data, workdir: Path):
     """The metric of this run's data: FID with the Inception, or the digits classifier's Frechet distance."""
     from flax import nnx
 
@@ -164,8 +157,12 @@ def build_evaluator(config: RunConfig, cache, workdir: Path):
         embed, reference = inception.features, load_reference(config.eval.reference, inception)
     else:
         from dit.eval.digits_classifier import digits_reference, load_or_train
-        classifier = load_or_train(cache.directory)
-        embed, reference = classifier.features, digits_reference(cache.directory, classifier)
+        if data.cache is None:
+            raise UserError("eval.metric=fd_digits is the built-in digits' metric and is computed from their latent "
+                            "cache (data.cache); with data.images, evaluate FID: --set eval.metric=fid --set "
+                            "eval.reference=FILE.npz (from `python -m dit.eval.ref_stats`).")
+        classifier = load_or_train(data.cache.directory)
+        embed, reference = classifier.features, digits_reference(data.cache.directory, classifier)
     graphdef = nnx.split(nnx.eval_shape(lambda: DiT(config.model, rngs=nnx.Rngs(0))))[0]
     return FrechetEvaluator(config.eval.metric, embed, reference, decoder_for(config.data), config, graphdef,
                             sample_dir=workdir / "samples")
@@ -217,7 +214,6 @@ def write_figures(workdir: Path, leaderboard: Path, figures: Path) -> None:
 def train_and_record(args, config: RunConfig, cost) -> int:
     import jax
 
-    from dit.data.pipeline import CacheBatches
     from dit.distributed import initialize
     from dit.objectives import make_objective
     from dit.train import train
@@ -231,13 +227,13 @@ def train_and_record(args, config: RunConfig, cost) -> int:
     elif workdir.exists() and any(workdir.iterdir()):
         raise UserError(f"the run directory {workdir} already exists and is not empty; pass --resume to continue "
                         f"that run, or choose another --workdir. Nothing was changed.")
-    cache = check_data(config, progress)
-    evaluator = build_evaluator(config, cache, workdir)  # loads weights and statistics: fails before the run starts
+    data = check_data(config, progress)
+    evaluator = build_evaluator(config, data, workdir)  # loads weights and statistics: fails before the run starts
     leaderboard = Path(args.leaderboard) if args.leaderboard else REPO / "results" / "leaderboard.csv"
     figures = Path(args.figures) if args.figures else REPO / "results" / "figures"
     record = {
         "run_id": workdir.name, "budget_params": cost.params, "gflops": cost.gflops,
-        "dataset": cache.manifest.get("dataset", "unknown"), "resolution": int(cache.manifest.get("resolution", 0)),
+        "dataset": data.dataset, "resolution": data.resolution,
         "metric": config.eval.metric, "git_commit": git_commit(), "command": sys.argv,
         "hardware": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -245,7 +241,7 @@ def train_and_record(args, config: RunConfig, cost) -> int:
     if lead:
         print(f"run {workdir} ({'resuming' if args.resume else 'new'}): {config.variant}, preset {config.preset}, "
               f"{count_params(config.model):,} parameters in this run's model")
-    source = CacheBatches(cache, config.train.batch_size, config.train.seed, workers=config.data.workers)
+    source = data.batches(config.data, config.train)
     summary = train(config, workdir, source, make_objective(config), resume=args.resume, record=record,
                     progress=progress, evaluate=evaluator)
     if summary["preempted"]:

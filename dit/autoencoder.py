@@ -81,7 +81,7 @@ def autoencoder_from_source(source: str, sha256: str | None = None) -> Autoencod
 def decoder_for(data_cfg) -> ScaledDecoder:
     """How a run's samples become images: the autoencoder and scale factor recorded in its latent
     cache, or, for on-the-fly training, `data.vae` with the SD-VAE scale factor."""
-    if data_cfg.cache:
+    if data_cfg.cache and not data_cfg.images:  # data.images (on the fly) wins, as in training
         from dit.data.cache import LatentCache
         manifest = LatentCache(data_cfg.cache).manifest
         autoencoder = autoencoder_from_source(manifest["autoencoder"]["source"], manifest["autoencoder"]["sha256"])

@@ -201,6 +201,7 @@ class DataConfig:
     vae: str = "stabilityai/sd-vae-ft-ema"  # the autoencoder for on-the-fly encoding and for decoding samples
     resolution: int = 256  # on-the-fly center crop
     workers: int = 0  # grain worker processes reading batches (0: in the training process)
+    flip: bool = True  # random horizontal flips, DiT's augmentation; off where a mirror image is another thing
 
     def __post_init__(self) -> None:
         if self.workers < 0 or self.resolution <= 0:

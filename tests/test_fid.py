@@ -101,3 +101,28 @@ def test_fid_during_training_then_from_the_run_directory(setup, tmp_path):
                 "inception_sha256", "inception_score", "sample_s", "decode_s", "features_s"):
         assert key in result, key
     assert result["step"] == 4 and result["num_samples"] == 8 and result["sampler"] == "ddpm"
+
+
+def test_the_runner_trains_on_images_encoded_on_the_fly_and_records_fid(setup, tmp_path):
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+    root, _ = setup
+    runner = Path(__file__).resolve().parents[1] / "ablations" / "run.py"
+    common = ["--variant", "baseline", "--preset", "smoke", "--set", f"data.images={root / 'images'}",
+              "--set", "data.vae=pixels", "--set", f"data.resolution={RES}", "--set", "model.num_classes=3",
+              "--leaderboard", "lb.csv", "--figures", "figures", "--no-progress"]
+    # The digits' metric needs their cache: on images it is refused before any run directory exists.
+    refused = subprocess.run([sys.executable, str(runner), *common, "--workdir", "runs/x"], cwd=tmp_path,
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "eval.metric=fid" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "runs").exists()
+    out = subprocess.run([sys.executable, str(runner), *common, "--workdir", "runs/a", "--set", "eval.metric=fid",
+                          "--set", f"eval.reference={root / 'ref.npz'}",
+                          "--set", f"eval.inception={root / 'inception.safetensors'}"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "lb.csv")))
+    assert [(r["step"], r["metric"], r["dataset"], r["resolution"]) for r in rows] == [("4", "fid", "images", "8")]
+    assert float(rows[0]["value"]) > 0

@@ -35,6 +35,16 @@ def take(source, n):
     return [source.next() for _ in range(n)]
 
 
+def test_without_flips_every_read_is_the_unflipped_record_with_the_same_noise(cache_dir):
+    flipped = take(CacheBatches(cache_dir, global_batch=8, seed=3, process_index=0, process_count=1), 10)
+    plain = take(CacheBatches(cache_dir, global_batch=8, seed=3, process_index=0, process_count=1, flip=False), 10)
+    x = np.concatenate([x for x, _ in plain])
+    assert (np.sign(x.reshape(len(x), -1).mean(1))[record_ids(x) > 0] > 0).all()  # never the -i flipped mean
+    for (a, _), (b, _) in zip(flipped, plain):  # the same order and posterior noise: equal up to the flip
+        residual = lambda x: x - 2.0 * np.round(x.reshape(8, -1).mean(1) / 2.0)[:, None, None, None]
+        np.testing.assert_allclose(residual(a), residual(b), atol=1e-5)
+
+
 def test_every_record_once_per_epoch_and_a_new_order_each_epoch(cache_dir):
     source = CacheBatches(cache_dir, global_batch=8, seed=3, process_index=0, process_count=1)
     epoch0 = np.concatenate([record_ids(x) for x, _ in take(source, 5)])

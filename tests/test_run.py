@@ -120,6 +120,7 @@ def test_a_killed_run_resumes_and_records_each_evaluation_once(home):
     (["--variant", "baseline", "--preset", "smoke", "--set", "eval.metric=fid"], "python -m dit.eval.ref_stats"),
     (["--variant", "baseline", "--preset", "smoke", "--set", "model.num_classes=7"], "--set model.num_classes=10"),
     (["--variant", "baseline", "--preset", "smoke", "--resume", "--workdir", "runs/none"], "--resume"),
+    (["--variant", "baseline", "--preset", "smoke", "--set", "data.images=nowhere"], "nowhere does not exist"),
 ])
 def test_missing_inputs_are_one_clear_error_and_create_no_run(home, args, message):
     out = run(*args, "--leaderboard", "lb-x.csv", cwd=home)

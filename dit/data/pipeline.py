@@ -56,16 +56,16 @@ class EpochOrder:
 
 
 class _ReadLatent:
-    """Stream element -> (latent, label): a random flip and a fresh sample of the posterior, scaled."""
+    """Stream element -> (latent, label): a random flip (if `flip`) and a fresh sample of the posterior, scaled."""
 
-    def __init__(self, cache: LatentCache, order: EpochOrder):
-        self.cache, self.order = cache, order
+    def __init__(self, cache: LatentCache, order: EpochOrder, flip: bool):
+        self.cache, self.order, self.flip = cache, order, flip
 
     def __call__(self, local_index: int) -> tuple[np.ndarray, np.int32]:
         epoch, record = self.order(local_index)
         mean, std, label = self.cache.record(record)
         rng = np.random.default_rng([self.order.seed, epoch, record])
-        flip = rng.integers(2)
+        flip = rng.integers(2) * self.flip  # drawn either way: the noise is the same with flips on or off
         noise = rng.standard_normal(mean.shape[1:], dtype=np.float32)
         latent = (mean[flip].astype(np.float32) + std[flip].astype(np.float32) * noise) * self.cache.scale_factor
         return latent, np.int32(label)
@@ -111,21 +111,22 @@ class CacheBatches(_GrainBatches):
     """This process's training batches (x float32 NHWC, y int32) from a latent cache."""
 
     def __init__(self, cache: LatentCache | str | Path, global_batch: int, seed: int, *,
-                 process_index: int | None = None, process_count: int | None = None, workers: int = 0):
+                 process_index: int | None = None, process_count: int | None = None, workers: int = 0,
+                 flip: bool = True):
         cache = cache if isinstance(cache, LatentCache) else LatentCache(cache)
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
         self.cache = cache
         self.order = EpochOrder(len(cache), global_batch, seed, process_index, process_count)
-        super().__init__(_ReadLatent(cache, self.order), self.order.local, workers)
+        super().__init__(_ReadLatent(cache, self.order, flip), self.order.local, workers)
 
 
 class _ReadImage:
-    """Stream element -> (uint8 image, flipped at random, label); a file that cannot be read is
+    """Stream element -> (uint8 image, flipped at random if `flip`, label); a file that cannot be read is
     replaced by the next readable record of the same epoch, with a warning."""
 
-    def __init__(self, image_set, resolution: int, order: EpochOrder):
-        self.image_set, self.resolution, self.order = image_set, resolution, order
+    def __init__(self, image_set, resolution: int, order: EpochOrder, flip: bool):
+        self.image_set, self.resolution, self.order, self.flip = image_set, resolution, order, flip
 
     def __call__(self, local_index: int) -> tuple[np.ndarray, np.int32]:
         from dit.data.images import BadImage, load_image
@@ -140,7 +141,7 @@ class _ReadImage:
                 warnings.warn(f"skipping {path}: {error}")
         else:
             raise UserError(f"no image under {self.image_set.root} could be read.")
-        return (image[:, ::-1] if rng.integers(2) else image), np.int32(label)
+        return (image[:, ::-1] if rng.integers(2) and self.flip else image), np.int32(label)
 
 
 class ImageBatches(_GrainBatches):
@@ -151,14 +152,14 @@ class ImageBatches(_GrainBatches):
 
     def __init__(self, data: str | Path, autoencoder, scale_factor: float, resolution: int, global_batch: int,
                  seed: int, *, process_index: int | None = None, process_count: int | None = None,
-                 workers: int = 0):
+                 workers: int = 0, flip: bool = True):
         from dit.data.images import find_images
         from dit.mesh import BATCH_AXIS, data_mesh
         self.image_set = find_images(data, "train")
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
         self.order = EpochOrder(len(self.image_set), global_batch, seed, process_index, process_count)
-        super().__init__(_ReadImage(self.image_set, resolution, self.order), self.order.local, workers)
+        super().__init__(_ReadImage(self.image_set, resolution, self.order, flip), self.order.local, workers)
         self.num_classes = len(self.image_set.classes)
         devices = jax.local_device_count()
         if self.order.local % devices:

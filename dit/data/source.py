@@ -1,0 +1,79 @@
+"""The training data a run's config names: a latent cache (fast), or images encoded on the fly.
+
+`data.images` (a dataset root) selects the on-the-fly path, whatever `data.cache` says: each step reads,
+crops and encodes its images with `data.vae` ("pixels" for pixel-space models), for users without a cache.
+Otherwise batches come from the latent cache in `data.cache`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dit.config import DataConfig, ModelConfig, TrainConfig
+from dit.errors import UserError
+
+
+@dataclass
+class TrainingData:
+    dataset: str  # the cache's dataset name, or the image root's folder name
+    resolution: int  # of the images, in pixels
+    latent_shape: tuple[int, int, int]  # what the model sees: (h, w, channels)
+    num_classes: int
+    cache: object | None  # the LatentCache; None on the on-the-fly path
+    autoencoder: object | None = None  # the on-the-fly path's encoder
+
+    def batches(self, data: DataConfig, train: TrainConfig):
+        """This process's source of training batches, for `dit.train.train`."""
+        from dit.data.pipeline import CacheBatches, ImageBatches
+        if self.cache is not None:
+            return CacheBatches(self.cache, train.batch_size, train.seed, workers=data.workers, flip=data.flip)
+        return ImageBatches(data.images, self.autoencoder, scale_factor(data), data.resolution, train.batch_size,
+                            train.seed, workers=data.workers, flip=data.flip)
+
+    def check_model(self, model: ModelConfig, where: str) -> None:
+        """The model must take these latents and labels; the error says which --set fixes it."""
+        shape = (model.input_size, model.input_size, model.in_channels)
+        if self.latent_shape != shape or self.num_classes != model.num_classes:
+            h, w, c = self.latent_shape
+            raise UserError(
+                f"{where} gives {h}x{w}x{c} latents in {self.num_classes} classes, but the model expects "
+                f"{shape[0]}x{shape[1]}x{shape[2]} in {model.num_classes}; pass --set model.input_size={h} "
+                f"--set model.in_channels={c} --set model.num_classes={self.num_classes}, or other data.")
+
+
+def scale_factor(data: DataConfig) -> float:
+    """On the fly: the SD-VAE's 0.18215, or 1 for pixels (a cache records its own)."""
+    from dit.vae import SCALE_FACTOR
+    return 1.0 if data.vae == "pixels" else SCALE_FACTOR
+
+
+def training_data(data: DataConfig) -> TrainingData:
+    """What `data` points at, checked: a missing cache or image root is a UserError naming the fix."""
+    if data.images:
+        return _on_the_fly(data)
+    if not data.cache:
+        raise UserError("no training data configured: set data.cache to a latent cache made by `python -m "
+                        "dit.data.extract --data ROOT --vae stabilityai/sd-vae-ft-ema --out DIR` (--set data.cache=DIR), "
+                        "or train on images encoded on the fly with --set data.images=ROOT.")
+    from dit.data.cache import LatentCache
+    cache = LatentCache(data.cache)
+    return TrainingData(dataset=cache.manifest.get("dataset", "unknown"),
+                        resolution=int(cache.manifest.get("resolution", 0)), latent_shape=tuple(cache.latent_shape),
+                        num_classes=cache.num_classes, cache=cache)
+
+
+def _on_the_fly(data: DataConfig) -> TrainingData:
+    from dit.autoencoder import autoencoder_from_source
+    from dit.data.images import find_images
+    image_set = find_images(data.images, "train")
+    autoencoder = autoencoder_from_source(data.vae)
+    downsample = getattr(autoencoder, "downsample", 1)
+    if data.resolution % downsample:
+        raise UserError(f"data.resolution={data.resolution} is not a multiple of the autoencoder's downsampling "
+                        f"{downsample}; use a multiple, such as 256.")
+    channels = 3 if data.vae == "pixels" else autoencoder.config.latent_channels
+    size = data.resolution // downsample
+    return TrainingData(dataset=Path(image_set.root).resolve().name, resolution=data.resolution,
+                        latent_shape=(size, size, channels), num_classes=len(image_set.classes), cache=None,
+                        autoencoder=autoencoder)
