@@ -72,11 +72,13 @@ def resolve_run(args: argparse.Namespace):
 
 
 def git_commit() -> str:
-    """The commit the code ran at, with '-dirty' when the working tree differs from it."""
+    """The commit the code ran at, with '-dirty' when the code differs from it (results/, which runs
+    themselves write to, does not count)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)results"], cwd=REPO,
                                capture_output=True, text=True, check=True).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):

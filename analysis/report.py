@@ -23,7 +23,7 @@ import pandas as pd  # noqa: E402
 
 from analysis import plots  # noqa: E402
 from analysis.leaderboard import best_per_variant  # noqa: E402
-from analysis.runs import best_rows, load_runs, metrics_frame, read_leaderboard  # noqa: E402
+from analysis.runs import best_rows, latest_rows, load_runs, metrics_frame, read_leaderboard  # noqa: E402
 from dit.errors import UserError  # noqa: E402
 
 NOTHING_YET = ("no results yet: no run directories and no leaderboard rows. Train and evaluate a variant first, "
@@ -77,14 +77,15 @@ def draw_all(runs_dir: Path, leaderboard_path: Path, out: Path) -> list[Path]:
         suffix = f"{dataset}-{metric}"
         in_runs = _group(frame, dataset, metric)
         in_table = _group(table, dataset, metric)
+        latest_in_table = latest_rows(in_table)  # as load_runs: a rerun of a seed replaces it in the curves
         group_runs = [r for r in runs if (r.dataset, r.metric) == (dataset, metric)]
         # The run directories hold every evaluation; the leaderboard stands in where they are not at hand.
-        steps = in_runs if in_runs["value"].notna().any() else in_table
+        steps = in_runs if in_runs["value"].notna().any() else latest_in_table
         if steps["value"].notna().any():
             written += plots.save(plots.metric_vs_steps(steps, metric, colors), out, f"{metric}_vs_steps-{suffix}")
         if in_runs["loss"].notna().any():
             written += plots.save(plots.loss_curves(in_runs, colors), out, f"loss_curves-{suffix}")
-        speed = in_runs if in_runs["img_per_s"].notna().any() else in_table
+        speed = in_runs if in_runs["img_per_s"].notna().any() else latest_in_table
         if "img_per_s" in speed and speed["img_per_s"].notna().any():
             written += plots.save(plots.throughput(speed, colors), out, f"throughput-{suffix}")
         # The leaderboard's own notion of best (per recipe) where it has rows, so figure and table agree.

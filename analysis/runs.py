@@ -110,12 +110,55 @@ def load_run(path: Path) -> Run:
     return Run(path, config, read_metrics(path / "metrics.jsonl"), summary, samples)
 
 
-def load_runs(runs_dir: str | Path) -> list[Run]:
-    """Every run directory (one holding config.json) directly under `runs_dir`, sorted by name."""
+def load_runs(runs_dir: str | Path, superseded: bool = False) -> list[Run]:
+    """The run directories (those holding config.json) directly under `runs_dir`, sorted by name.
+
+    A run started again with the same variant, preset and seed (after a change of code or settings)
+    supersedes the earlier one: only the last started counts as that seed's result, so two attempts are
+    never drawn as two seeds. `superseded=True` keeps them all. The leaderboard keeps every row either way.
+    """
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return []
-    return [load_run(p) for p in sorted(runs_dir.iterdir()) if (p / "config.json").is_file()]
+    runs = [load_run(p) for p in sorted(runs_dir.iterdir()) if (p / "config.json").is_file()]
+    return runs if superseded else latest_runs(runs)
+
+
+def _seed_key(variant, preset, seed, dataset, metric) -> tuple:
+    return str(variant), str(preset), int(seed) if pd.notna(seed) else -1, str(dataset), str(metric)
+
+
+def started(run: Run) -> str:
+    """When the run began (ISO 8601, UTC), from config.json; the file's time for older runs."""
+    if run.config.get("started"):
+        return run.config["started"]
+    from datetime import datetime, timezone
+    mtime = (run.path / "config.json").stat().st_mtime
+    return datetime.fromtimestamp(mtime, timezone.utc).isoformat(timespec="seconds")
+
+
+def latest_runs(runs: list[Run]) -> list[Run]:
+    """One run per (variant, preset, seed, dataset, metric): the last started; in name order."""
+    chosen = {}
+    for run in sorted(runs, key=started):
+        key = _seed_key(run.variant, run.config.get("preset", ""), run.config.get("train", {}).get("seed", 0),
+                        run.dataset, run.metric)
+        chosen[key] = run
+    return sorted(chosen.values(), key=lambda run: run.path.name)
+
+
+def latest_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Leaderboard rows of the last run per (variant, preset, seed, dataset, metric), as `latest_runs`."""
+    if table.empty:
+        return table
+    first_date = table.groupby("run_id")["date"].min()
+    keys = table.drop_duplicates("run_id").set_index("run_id")
+    last: dict[tuple, tuple[str, str]] = {}
+    for run_id, row in keys.iterrows():
+        key = _seed_key(row["variant"], row["preset"], row["seed"], row["dataset"], row["metric"])
+        if key not in last or str(first_date[run_id]) >= last[key][0]:
+            last[key] = (str(first_date[run_id]), run_id)
+    return table[table["run_id"].isin({run_id for _, run_id in last.values()})]
 
 
 def metrics_frame(runs: list[Run]) -> pd.DataFrame:

@@ -225,3 +225,29 @@ def test_notebook_executes_on_fixtures(results, name, monkeypatch):
     images = [output for cell in notebook.cells for output in cell.get("outputs", [])
               if "image/png" in output.get("data", {})]
     assert len(images) >= 4  # a figure per group and kind, drawn inline
+
+
+def test_a_rerun_of_a_variant_and_seed_supersedes_the_earlier_run(tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    from analysis.runs import latest_rows
+    results = write_fixture_results(tmp_path / "r")
+    with pytest.warns(UserWarning):
+        first = load_runs(results["runs"])
+    old = next(run for run in first if run.variant == "baseline" and run.config["train"]["seed"] == 0)
+    again = results["runs"] / "baseline-demo-rerun"
+    shutil.copytree(old.path, again)
+    config = {**old.config, "run_id": again.name, "started": "2099-01-01T00:00:00+00:00"}
+    (again / "config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning):
+        latest, every = load_runs(results["runs"]), load_runs(results["runs"], superseded=True)
+    assert len(every) == len(first) + 1 and len(latest) == len(first)
+    assert again in {run.path for run in latest} and old.path not in {run.path for run in latest}
+    # The leaderboard's rows likewise: the later run of (baseline, demo, seed 0) replaces the earlier one.
+    table = read_leaderboard(results["leaderboard"])
+    rerun = table[table["run_id"] == old.run_id].assign(run_id=again.name, date="2099-01-01T00:00:00+00:00")
+    kept = latest_rows(pd.concat([table, rerun], ignore_index=True))
+    assert again.name in set(kept["run_id"]) and old.run_id not in set(kept["run_id"])
+    assert set(kept["run_id"]) == (set(table["run_id"]) - {old.run_id}) | {again.name}
