@@ -16,7 +16,7 @@ from dit.errors import UserError
 
 @dataclass
 class TrainingData:
-    dataset: str  # the cache's dataset name, or the image root's folder name
+    dataset: str  # the cache's dataset name; on the fly imagenet100 (Kaggle layout) or the root's folder name
     resolution: int  # of the images, in pixels
     latent_shape: tuple[int, int, int]  # what the model sees: (h, w, channels)
     num_classes: int
@@ -74,6 +74,8 @@ def _on_the_fly(data: DataConfig) -> TrainingData:
                         f"{downsample}; use a multiple, such as 256.")
     channels = 3 if data.vae == "pixels" else autoencoder.config.latent_channels
     size = data.resolution // downsample
-    return TrainingData(dataset=Path(image_set.root).resolve().name, resolution=data.resolution,
+    # Named as `extract` names a cache, so runs on the fly and on a cache share a leaderboard group.
+    dataset = "imagenet100" if image_set.layout == "imagenet100" else Path(image_set.root).resolve().name
+    return TrainingData(dataset=dataset, resolution=data.resolution,
                         latent_shape=(size, size, channels), num_classes=len(image_set.classes), cache=None,
                         autoencoder=autoencoder)
