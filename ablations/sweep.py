@@ -25,8 +25,9 @@ RUN = Path(__file__).resolve().parent / "run.py"
 
 
 def plan(variants: list[str], seeds: list[int], preset: str, runs: Path, overrides: list[str],
-         leaderboard: str | None) -> list[tuple[str, list[str] | None]]:
-    """(run directory, command) per run; the command is None for a complete run."""
+         leaderboard: str | None, passed: list[str] = ()) -> list[tuple[str, list[str] | None]]:
+    """(run directory, command) per run; the command is None for a complete run. `passed` are further
+    run.py options given to every run (--figures DIR, --no-progress)."""
     steps = []
     for variant in variants:
         for seed in seeds:
@@ -40,6 +41,7 @@ def plan(variants: list[str], seeds: list[int], preset: str, runs: Path, overrid
                 command += ["--set", override]
             if leaderboard:
                 command += ["--leaderboard", leaderboard]
+            command += list(passed)
             if (workdir / "checkpoints").is_dir():
                 command.append("--resume")
             steps.append((str(workdir), command))
@@ -55,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="passed to every run")
     parser.add_argument("--runs", default="runs", help="where the run directories go (default runs)")
     parser.add_argument("--leaderboard", help="the leaderboard CSV (default results/leaderboard.csv)")
+    parser.add_argument("--figures", help="where report figures go (default results/figures)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars in the runs (logs only)")
     parser.add_argument("--print", dest="print_only", action="store_true",
                         help="print the commands, one per line, instead of running them")
     args = parser.parse_args(argv)
@@ -74,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
 
-    steps = plan(variants, seeds, args.preset, Path(args.runs), args.overrides, args.leaderboard)
+    passed = (["--figures", args.figures] if args.figures else []) + (["--no-progress"] if args.no_progress else [])
+    steps = plan(variants, seeds, args.preset, Path(args.runs), args.overrides, args.leaderboard, passed)
     if args.print_only:
         for workdir, command in steps:
             print(f"# {workdir}: complete" if command is None else shlex.join(command))

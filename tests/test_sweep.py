@@ -36,3 +36,18 @@ def test_bad_names_and_over_budget_variants_fail_before_any_run(tmp_path):
     out = sweep("--variants", "baseline", "--seeds", "zero", cwd=tmp_path)
     assert out.returncode == 2 and "--seeds" in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_runs_one_after_another_then_skips_the_complete_ones(tmp_path):
+    import csv
+    args = ["--variants", "baseline", "--seeds", "0,1", "--preset", "smoke", "--set", "train.steps=2",
+            "--set", "eval.every=2", "--leaderboard", "lb.csv", "--figures", "figures", "--no-progress"]
+    first = sweep(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "sweep complete: 2 runs" in first.stdout
+    rows = list(csv.DictReader(open(tmp_path / "lb.csv")))
+    assert sorted((r["run_id"], r["seed"], r["step"]) for r in rows) == [
+        ("baseline-smoke-seed0", "0", "2"), ("baseline-smoke-seed1", "1", "2")]
+    again = sweep(*args, cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout.count("complete, skipped") == 2
+    assert len(list(csv.DictReader(open(tmp_path / "lb.csv")))) == 2  # nothing run or recorded twice
