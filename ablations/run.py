@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable wi
 from ablations.presets import PRESETS, prepare_data
 from dit.config import RunConfig, apply_overrides, from_dict, to_dict
 from dit.counting import count_params
-from dit.errors import UserError
+from dit.errors import UserError, report
 from variants import BUDGET, REGISTERED, check_budget, measure, resolve
 from variants.registry import ALIASES
 
@@ -278,8 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return train_and_record(args, config, cost)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
+        return report(error)
 
 
 if __name__ == "__main__":

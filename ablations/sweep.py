@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable wi
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ablations.presets import PRESETS
-from dit.errors import UserError
+from dit.errors import UserError, report
 from variants import check_budget, resolve
 
 RUN = Path(__file__).resolve().parent / "run.py"
@@ -75,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         for variant in variants:  # every name and budget checked before the first run starts
             check_budget(variant, resolve(variant))
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
+        return report(error)
 
     passed = (["--figures", args.figures] if args.figures else []) + (["--no-progress"] if args.no_progress else [])
     steps = plan(variants, seeds, args.preset, Path(args.runs), args.overrides, args.leaderboard, passed)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from ablations.leaderboard import COLUMNS, DEFAULT_PATH, FLOAT_COLUMNS, INT_COLUMNS, read_rows
-from dit.errors import UserError
+from dit.errors import UserError, report
 
 GROUP = ["dataset", "resolution", "metric", "num_samples"]
 RECIPE = ["preset", "objective", "sampler", "sampling_steps", "cfg_scale"]
@@ -132,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                   "mean and std over seeds, each seed's best, where there are 2 or more seeds.")
         return 0
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
+        return report(error)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import pandas as pd  # noqa: E402
 from analysis import plots  # noqa: E402
 from analysis.leaderboard import best_per_variant  # noqa: E402
 from analysis.runs import best_rows, latest_rows, load_runs, metrics_frame, read_leaderboard  # noqa: E402
-from dit.errors import UserError  # noqa: E402
+from dit.errors import UserError, report  # noqa: E402
 
 NOTHING_YET = ("no results yet: no run directories and no leaderboard rows. Train and evaluate a variant first, "
                "e.g. `python ablations/run.py --variant baseline --preset demo`, then run this again.")
@@ -108,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             if issubclass(note.category, UserWarning):
                 print(f"note: {note.message}", file=sys.stderr)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
+        return report(error)
     if not written:
         print(NOTHING_YET)
         return 0

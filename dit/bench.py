@@ -20,7 +20,7 @@ import numpy as np
 
 from dit.config import RunConfig, TrainConfig
 from dit.counting import count_gflops
-from dit.errors import UserError
+from dit.errors import UserError, report
 
 # Dense bfloat16 peak FLOP/s per device from the vendors' datasheets (no sparsity).
 PEAK_FLOPS = {
@@ -150,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             result = bench_sample(args.variant, args.batch, args.steps, args.dtype, args.objective, args.sampler)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
+        return report(error)
     if args.json:
         print(json.dumps(result))
     elif args.what == "sample":

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from dit.autoencoder import Autoencoder, PixelAutoencoder, as_function
 from dit.data import cache as latent_cache
 from dit.data.images import ImageSet, find_images, load_images
-from dit.errors import UserError
+from dit.errors import UserError, report
 from dit.mesh import BATCH_AXIS, data_mesh
 
 # What the real ImageNet-100 holds; printed next to what was found, so a partial copy shows at once.
@@ -214,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         extract(args.data, autoencoder, args.out, resolution=args.resolution, split=args.split,
                 batch_size=args.batch, shard_size=args.shard_size, dtype=args.dtype, name=args.name)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
+        return report(error)
     return 0
 
 

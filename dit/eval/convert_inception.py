@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dit.errors import UserError
+from dit.errors import UserError, report
 from dit.eval.inception import InceptionError, check_state_dict, read_state_dict, sha256_of
 
 
@@ -43,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         digest = convert(args.pth, args.out)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
+        return report(error)
     print(f"wrote {args.out} from {args.pth} (sha256 {digest[:16]}...)")
     return 0
 

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dit.errors import UserError
+from dit.errors import UserError, report
 from dit.eval.metrics import frechet_distance, inception_score, precision_recall, statistics
 
 if TYPE_CHECKING:
@@ -172,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.out is not None:
                 write_json_new(args.out, record)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
+        return report(error)
     return 0
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dit.data.images import find_images, load_images
-from dit.errors import UserError
+from dit.errors import UserError, report
 from dit.eval.metrics import MomentAccumulator
 
 KEPT_FEATURES = 10_000
@@ -90,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         reference_statistics(args.data, load_inception(args.inception), args.out, resolution=args.resolution,
                              split=args.split, batch_size=args.batch)
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
+        return report(error)
     return 0
 
 
