@@ -146,7 +146,6 @@ def build_evaluator(config: RunConfig, data, workdir: Path):
     """The metric of this run's data: FID with the Inception, or the digits classifier's Frechet distance."""
     from flax import nnx
 
-    from dit.autoencoder import decoder_for
     from dit.eval.evaluator import FrechetEvaluator
     from dit.model import DiT
     if config.eval.metric == "fid":
@@ -166,7 +165,7 @@ def build_evaluator(config: RunConfig, data, workdir: Path):
         classifier = load_or_train(data.cache.directory)
         embed, reference = classifier.features, digits_reference(data.cache.directory, classifier)
     graphdef = nnx.split(nnx.eval_shape(lambda: DiT(config.model, rngs=nnx.Rngs(0))))[0]
-    return FrechetEvaluator(config.eval.metric, embed, reference, decoder_for(config.data), config, graphdef,
+    return FrechetEvaluator(config.eval.metric, embed, reference, data.decoder(config.data), config, graphdef,
                             sample_dir=workdir / "samples")
 
 
@@ -183,7 +182,8 @@ def leaderboard_rows(config: RunConfig, workdir: Path, record: dict) -> list[dic
         if metric in entry:
             by_step[entry["step"]] = entry
     img_per_s = float(np.median(speeds)) if speeds else None
-    sampler = config.eval.sampler or ("ddpm" if config.train.objective == "ddpm" else "sde")
+    from dit.sample import sampler_name
+    sampler = sampler_name(config.train, config.eval)
     return [{
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_id": record["run_id"],
         "variant": config.variant, "params": record["budget_params"], "gflops": record["gflops"],

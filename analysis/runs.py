@@ -10,13 +10,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from ablations.leaderboard import COLUMNS
 from dit.errors import UserError
 
-LEADERBOARD_COLUMNS = [
-    "date", "run_id", "variant", "params", "gflops", "preset", "dataset", "resolution", "objective", "sampler",
-    "sampling_steps", "cfg_scale", "step", "batch_size", "metric", "value", "num_samples", "seed", "img_per_s",
-    "hardware", "git_commit",
-]
+LEADERBOARD_COLUMNS = list(COLUMNS)  # as ablations/leaderboard.py writes them
 _GRID_NAME = re.compile(r"step_(\d+)\.png$")
 
 

@@ -78,14 +78,20 @@ def autoencoder_from_source(source: str, sha256: str | None = None) -> Autoencod
     return vae
 
 
-def decoder_for(data_cfg) -> ScaledDecoder:
+def on_the_fly_scale_factor(source: str) -> float:
+    """The scale factor of latents encoded during training by `source`: the SD-VAE's 0.18215, or 1 for
+    pixels (a latent cache records its own)."""
+    from dit.vae import SCALE_FACTOR
+    return 1.0 if source == "pixels" else SCALE_FACTOR
+
+
+def decoder_for(data_cfg, autoencoder: Autoencoder | None = None) -> ScaledDecoder:
     """How a run's samples become images: the autoencoder and scale factor recorded in its latent
-    cache, or, for on-the-fly training, `data.vae` with the SD-VAE scale factor."""
+    cache, or, for on-the-fly training, `data.vae` (or the `autoencoder` already loaded from it)."""
     if data_cfg.cache and not data_cfg.images:  # data.images (on the fly) wins, as in training
         from dit.data.cache import LatentCache
         manifest = LatentCache(data_cfg.cache).manifest
         autoencoder = autoencoder_from_source(manifest["autoencoder"]["source"], manifest["autoencoder"]["sha256"])
         return ScaledDecoder(autoencoder, float(manifest["scale_factor"]))
-    from dit.vae import SCALE_FACTOR
-    autoencoder = autoencoder_from_source(data_cfg.vae)
-    return ScaledDecoder(autoencoder, 1.0 if data_cfg.vae == "pixels" else SCALE_FACTOR)
+    autoencoder = autoencoder or autoencoder_from_source(data_cfg.vae)
+    return ScaledDecoder(autoencoder, on_the_fly_scale_factor(data_cfg.vae))

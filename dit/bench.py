@@ -93,7 +93,7 @@ def bench_sample(variant: str, batch: int, steps: int, dtype: str | None, object
 
     from dit.config import EvalConfig
     from dit.model import DiT
-    from dit.sample import generate
+    from dit.sample import generate, sampler_name
 
     backend = jax.default_backend()
     model = _variant_model(variant, dtype)
@@ -112,7 +112,7 @@ def bench_sample(variant: str, batch: int, steps: int, dtype: str | None, object
     return {
         "backend": backend, "device_kind": jax.devices()[0].device_kind, "devices": jax.device_count(),
         "variant": variant, "batch": batch, "dtype": model.dtype, "objective": objective,
-        "sampler": sampler or ("ddpm" if objective == "ddpm" else "sde"), "sampling_steps": steps,
+        "sampler": sampler_name(train_cfg, eval_cfg), "sampling_steps": steps,
         "compile_s": first - batch_s, "batch_s": batch_s, "img_per_s": batch / batch_s,
         "step_ms": 1000 * batch_s / steps,
     }

@@ -49,9 +49,14 @@ def to_uint8(images: jax.Array) -> jax.Array:
     return jnp.clip(127.5 * images + 128.0, 0, 255).astype(jnp.uint8)
 
 
+def sampler_name(train_cfg: TrainConfig, eval_cfg: EvalConfig) -> str:
+    """eval.sampler, or the objective's default when it is "": ddpm for DDPM, SiT's sde for flow."""
+    return eval_cfg.sampler or ("ddpm" if train_cfg.objective == "ddpm" else "sde")
+
+
 def make_sampler(model_cfg: ModelConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig) -> Callable:
     """sampler(model_fn, noise, key, y) -> samples, for the run's objective and the eval settings."""
-    name = eval_cfg.sampler or ("ddpm" if train_cfg.objective == "ddpm" else "sde")
+    name = sampler_name(train_cfg, eval_cfg)
     steps = eval_cfg.sampling_steps
     if train_cfg.objective == "ddpm":
         if name not in ("ddpm", "ddim"):

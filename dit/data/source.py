@@ -25,11 +25,17 @@ class TrainingData:
 
     def batches(self, data: DataConfig, train: TrainConfig):
         """This process's source of training batches, for `dit.train.train`."""
+        from dit.autoencoder import on_the_fly_scale_factor
         from dit.data.pipeline import CacheBatches, ImageBatches
         if self.cache is not None:
             return CacheBatches(self.cache, train.batch_size, train.seed, workers=data.workers, flip=data.flip)
-        return ImageBatches(data.images, self.autoencoder, scale_factor(data), data.resolution, train.batch_size,
-                            train.seed, workers=data.workers, flip=data.flip)
+        return ImageBatches(data.images, self.autoencoder, on_the_fly_scale_factor(data.vae), data.resolution,
+                            train.batch_size, train.seed, workers=data.workers, flip=data.flip)
+
+    def decoder(self, data: DataConfig):
+        """How samples become images; on the fly with the autoencoder already loaded, not a second copy."""
+        from dit.autoencoder import decoder_for
+        return decoder_for(data, self.autoencoder)
 
     def check_model(self, model: ModelConfig, where: str) -> None:
         """The model must take these latents and labels; the error says which --set fixes it."""
@@ -40,12 +46,6 @@ class TrainingData:
                 f"{where} gives {h}x{w}x{c} latents in {self.num_classes} classes, but the model expects "
                 f"{shape[0]}x{shape[1]}x{shape[2]} in {model.num_classes}; pass --set model.input_size={h} "
                 f"--set model.in_channels={c} --set model.num_classes={self.num_classes}, or other data.")
-
-
-def scale_factor(data: DataConfig) -> float:
-    """On the fly: the SD-VAE's 0.18215, or 1 for pixels (a cache records its own)."""
-    from dit.vae import SCALE_FACTOR
-    return 1.0 if data.vae == "pixels" else SCALE_FACTOR
 
 
 def training_data(data: DataConfig) -> TrainingData:

@@ -81,7 +81,7 @@ def sample_run(run_dir: Path, step: int | None, overrides: list[str], num_sample
     from dit.config import apply_overrides, from_dict
     from dit.mesh import data_mesh, replicated
     from dit.model import DiT
-    from dit.sample import generate_shares
+    from dit.sample import generate_shares, sampler_name
     from dit.train import create_optimizer, init_state
 
     config_path = run_dir / "config.json"
@@ -108,7 +108,7 @@ def sample_run(run_dir: Path, step: int | None, overrides: list[str], num_sample
                               num_samples=num_samples, decoder=decoder_for(run.data), progress=progress,
                               timings=timings)
     settings = {"run": str(run_dir), "step": step, "variant": run.variant, "objective": run.train.objective,
-                "sampler": run.eval.sampler or ("ddpm" if run.train.objective == "ddpm" else "sde"),
+                "sampler": sampler_name(run.train, run.eval),
                 "sampling_steps": run.eval.sampling_steps, "cfg_scale": run.eval.cfg_scale,
                 "guidance_interval": [run.eval.guidance_low, run.eval.guidance_high], "seed": seed, **timings}
     return samples, settings
