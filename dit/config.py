@@ -27,7 +27,13 @@ _CHOICES = {
     "adaln": ("per_block", "shared"),
     "stem": ("linear", "conv"),
     "dtype": ("float32", "bfloat16", "float16"),
+    "remat": ("none", "block", "dots"),
+    "attention": ("auto", "dense", "blockwise"),
 }
+
+# model.attention=auto picks blockwise attention above this many tokens (patch size 1 on 32x32 latents:
+# 1024), where the dense (B, heads, T, T) float32 logits dominate the step's memory.
+BLOCKWISE_ABOVE_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,10 @@ class ModelConfig:
     stem: str = "linear"  # linear: patchify as one linear layer; conv: two 3x3 convs, then patchify
     conv_stem_width: int = 64
     dtype: str = "float32"  # compute dtype of matrix products; parameters stay float32
-    scan_blocks: bool = True  # run the blocks as one lax.scan (same parameters, faster to train and compile)
+    scan_blocks: bool = True  # run the stacked blocks as one lax.scan; False unrolls the same loop
+    remat: str = "none"  # recompute each block in the backward pass: none | block (all) | dots (keep weight products)
+    attention: str = "auto"  # dense | blockwise (online softmax, memory linear in tokens) | auto (by token count)
+    attention_block: int = 128  # key block of blockwise attention
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -62,7 +71,8 @@ class ModelConfig:
                     f"model.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}; "
                     f"set it to one of those."
                 )
-        positive = ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "num_classes")
+        positive = ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "num_classes",
+                    "attention_block")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be a positive integer.")
@@ -89,6 +99,13 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def attention_kind(self) -> str:
+        """dense or blockwise: model.attention with auto resolved by the token count."""
+        if self.attention != "auto":
+            return self.attention
+        return "blockwise" if self.num_tokens > BLOCKWISE_ABOVE_TOKENS else "dense"
 
     @property
     def grid_size(self) -> int:
@@ -127,6 +144,7 @@ class TrainConfig:
 
     steps: int = 400_000
     batch_size: int = 256  # global, over all devices of all processes
+    grad_accum: int | str = 1  # microbatches per optimizer step; auto: the fewest whose step fits the device
     lr: float = 1e-4
     schedule: str = "constant"  # constant | cosine (to 0 at `steps`), after `warmup_steps` of linear warmup
     warmup_steps: int = 0
@@ -160,6 +178,13 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be a positive integer.")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay={self.ema_decay} must lie in [0, 1).")
+        if self.grad_accum != "auto" and not (isinstance(self.grad_accum, int) and self.grad_accum > 0):
+            raise ConfigError(f"train.grad_accum={self.grad_accum!r} must be a positive integer or auto.")
+        if isinstance(self.grad_accum, int) and self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"train.grad_accum={self.grad_accum} does not divide train.batch_size={self.batch_size} into equal "
+                f"microbatches; choose a divisor of the batch size (or auto)."
+            )
 
 
 @dataclass(frozen=True)
@@ -249,6 +274,8 @@ def _parse_value(key: str, text: str, kind: str):
             return int(text)
         if kind == "float":
             return float(text)
+        if kind == "int | str":  # an integer or a named choice such as auto
+            return int(text) if text.lstrip("-").isdigit() else text
         return text
     except ValueError:
         raise ConfigError(f"--set {key}={text}: {text!r} is not a valid {kind}; give a value of type {kind}.") from None

@@ -123,7 +123,8 @@ def load_official_dit(path_or_state_dict, num_classes: int, num_heads: int | Non
     cfg = infer_config(sd, num_classes, num_heads)
     model = nnx.eval_shape(lambda: DiT(cfg, rngs=nnx.Rngs(0)))  # shapes only: every value is replaced
     expected = {path: var.shape for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    assigned = set()
+    arrays = {}
+    per_block: dict[tuple, dict[int, np.ndarray]] = {}  # our stacked path -> block index -> that block's array
     for official_key, value in sd.items():
         if official_key == "pos_embed":
             ours = sincos_pos_embed_2d(cfg.hidden_size, cfg.grid_size)
@@ -131,22 +132,38 @@ def load_official_dit(path_or_state_dict, num_classes: int, num_heads: int | Non
                 raise CheckpointError("the checkpoint's pos_embed is not DiT's fixed 2D sin-cos embedding.")
             continue
         path, array = _our_param(official_key, value)
-        if path not in expected:
+        # ("blocks", i, ...): our blocks hold one array per name with a leading depth axis.
+        stacked, index = (path[:1] + path[2:], path[1]) if path[0] == "blocks" else (path, None)
+        if stacked not in expected:
             raise CheckpointError(f"unexpected key {official_key!r} in the checkpoint: not part of a DiT.")
-        if expected[path] != array.shape:
-            raise CheckpointError(
-                f"{official_key} has shape {array.shape} after conversion, expected {expected[path]}."
-            )
+        shape = expected[stacked] if index is None else expected[stacked][1:]
+        if array.shape != shape:
+            raise CheckpointError(f"{official_key} has shape {array.shape} after conversion, expected {shape}.")
+        if index is None:
+            arrays[path] = array
+        else:
+            per_block.setdefault(stacked, {})[index] = array
+    for path, blocks in per_block.items():
+        if len(blocks) == cfg.depth:
+            arrays[path] = np.stack([blocks[i] for i in range(cfg.depth)])
+    for path, array in arrays.items():
         _variable(model, path).set_value(jnp.asarray(array, jnp.float32))
-        assigned.add(path)
-    missing = sorted(".".join(map(str, p)) for p in set(expected) - assigned)
+    missing = sorted(_official_names(p, set(per_block.get(p, {})), cfg.depth) for p in set(expected) - set(arrays))
     if missing:
         raise CheckpointError(f"the checkpoint lacks parameters for: {', '.join(missing)}.")
     return model
 
 
+def _official_names(path: tuple, present: set[int], depth: int) -> str:
+    """Our parameter path as the blocks it lacks, such as blocks.3.mlp.fc1.kernel."""
+    if path[0] != "blocks":
+        return ".".join(map(str, path))
+    rest = ".".join(map(str, path[1:]))
+    return ", ".join(f"blocks.{i}.{rest}" for i in range(depth) if i not in present)
+
+
 def _variable(model: nnx.Module, path: tuple) -> nnx.Variable:
     node = model
     for part in path:
-        node = node[part] if isinstance(part, int) else getattr(node, part)
+        node = getattr(node, part)
     return node

@@ -26,7 +26,8 @@ def count_params(cfg: ModelConfig) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state))
 
 
-def _macs(jaxpr) -> int:
+def product_macs(jaxpr) -> int:
+    """Multiply-adds of every matrix product and convolution in a jaxpr, each loop iteration counted."""
     total = 0
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "dot_general":
@@ -43,9 +44,9 @@ def _macs(jaxpr) -> int:
         for param in eqn.params.values():
             for sub in param if isinstance(param, (tuple, list)) else (param,):
                 if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    total += repeat * _macs(sub.jaxpr)
+                    total += repeat * product_macs(sub.jaxpr)
                 elif isinstance(sub, jax.extend.core.Jaxpr):
-                    total += repeat * _macs(sub)
+                    total += repeat * product_macs(sub)
     return total
 
 
@@ -60,4 +61,4 @@ def count_gflops(cfg: ModelConfig) -> float:
     t = jax.ShapeDtypeStruct((1,), jnp.float32)
     y = jax.ShapeDtypeStruct((1,), jnp.int32)
     forward = lambda state, x, t, y: nnx.merge(graphdef, state)(x, t, y)
-    return _macs(jax.make_jaxpr(forward)(state, x, t, y).jaxpr) / 1e9
+    return product_macs(jax.make_jaxpr(forward)(state, x, t, y).jaxpr) / 1e9

@@ -92,11 +92,17 @@ class LabelEmbedder(nnx.Module):
         self.dropout_prob = dropout_prob
         self.embedding_table = nnx.Embed(num_classes + 1, hidden_size, embedding_init=normal_002, rngs=rngs)
 
-    def __call__(self, labels: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    def drop(self, labels: jax.Array, dropout_key: jax.Array) -> jax.Array:
+        """Labels with each replaced by the null label with probability dropout_prob."""
         # Label dropout trains the unconditional model that classifier-free guidance needs.
-        if dropout_key is not None and self.dropout_prob > 0:
-            drop = jax.random.bernoulli(dropout_key, self.dropout_prob, labels.shape)
-            labels = jnp.where(drop, self.num_classes, labels)
+        if self.dropout_prob == 0:
+            return labels
+        drop = jax.random.bernoulli(dropout_key, self.dropout_prob, labels.shape)
+        return jnp.where(drop, self.num_classes, labels)
+
+    def __call__(self, labels: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        if dropout_key is not None:
+            labels = self.drop(labels, dropout_key)
         return self.embedding_table(labels)
 
 

@@ -28,11 +28,10 @@ from dit.batches import BatchSource
 from dit.checkpoint import Checkpoints
 from dit.config import ModelConfig, RunConfig, TrainConfig, to_dict
 from dit.errors import UserError
-from dit.mesh import batch_sharded, data_mesh, global_batch, local_batch_size, replicated, to_host
+from dit.memory import DoesNotFit, StepMemory
+from dit.mesh import BATCH_AXIS, batch_sharded, data_mesh, global_batch, local_batch_size, replicated, to_host
 from dit.model import DiT
-
-# objective(model_fn, x0, y, key) -> (per-example loss (B,), time as a fraction in [0, 1] (B,))
-Objective = Callable[..., tuple[jax.Array, jax.Array]]
+from dit.objectives import Objective
 
 FP16_INITIAL_SCALE = 2.0**15
 FP16_GROWTH_INTERVAL = 2000  # finite steps before the loss scale doubles
@@ -73,24 +72,53 @@ def init_state(model_cfg: ModelConfig, train_cfg: TrainConfig, optimizer: optax.
     return graphdef, state
 
 
+def microbatches(tree, k: int, mesh):
+    """(B, ...) leaves -> (k, B/k, ...): microbatch i holds rows i, i+k, i+2k, ... of the batch, so each
+    device's rows stay on that device and every microbatch is spread over all devices."""
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, BATCH_AXIS))
+    split = lambda a: a.reshape(a.shape[0] // k, k, *a.shape[1:]).swapaxes(0, 1)
+    return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(split(a), sharding), tree)
+
+
 def make_train_step(graphdef, objective: Objective, optimizer, schedule, train_cfg: TrainConfig,
-                    dynamic_loss_scale: bool, mesh) -> Callable:
-    """The jitted step (state, (x, y)) -> (state, metrics); the state's buffers are donated."""
+                    dynamic_loss_scale: bool, mesh, grad_accum: int = 1, unroll: bool = False) -> Callable:
+    """The jitted step (state, (x, y)) -> (state, metrics); the state's buffers are donated.
+
+    With grad_accum = k the batch is k microbatches whose gradients are averaged before the one optimizer
+    and EMA update. Time, noise and label dropout are drawn for the whole batch first, so the update is
+    that of k = 1 up to float32 rounding, whatever k. `unroll` writes the microbatch loop out (for XLA's
+    cost model, which counts a loop body once).
+    """
 
     def step(state, batch):
         x, y = batch
         key_objective, key_dropout = jax.random.split(jax.random.fold_in(state["rng"], state["step"]))
         scale = state["loss_scale"]
+        noise = objective.draw(key_objective, x)
+        labels = nnx.merge(graphdef, state["params"]).y_embedder.drop(y, key_dropout)
 
-        def loss_fn(params):
+        def loss_fn(params, microbatch):
+            x, labels, noise = microbatch
             model = nnx.merge(graphdef, params)
-            model_fn = lambda x_t, t, y: model(x_t, t, y, dropout_key=key_dropout)
-            per_example, t_frac = objective(model_fn, x, y, key_objective)
-            loss = per_example.mean()
-            return loss * scale, (loss, per_example, t_frac)
+            per_example, t_frac = objective.loss(model, x, labels, noise)
+            return per_example.mean() * scale, (per_example, t_frac)
 
-        grads, (loss, per_example, t_frac) = jax.grad(loss_fn, has_aux=True)(state["params"])
-        grads = jax.tree.map(lambda g: g / scale, grads)
+        gradient = jax.grad(loss_fn, has_aux=True)
+        if grad_accum == 1:
+            grads, (per_example, t_frac) = gradient(state["params"], (x, labels, noise))
+        else:
+            def accumulate(total, microbatch):
+                grads, aux = gradient(state["params"], microbatch)
+                return jax.tree.map(jnp.add, total, grads), aux
+
+            zeros = jax.tree.map(jnp.zeros_like, state["params"])
+            grads, (per_example, t_frac) = jax.lax.scan(accumulate, zeros,
+                                                        microbatches((x, labels, noise), grad_accum, mesh),
+                                                        unroll=grad_accum if unroll else 1)
+            # Examples come back grouped by microbatch; the loss and its quartiles are sums, so order is moot.
+            per_example, t_frac = per_example.reshape(-1), t_frac.reshape(-1)
+        loss = per_example.mean()
+        grads = jax.tree.map(lambda g: g / (scale * grad_accum), grads)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
@@ -124,13 +152,92 @@ def make_train_step(graphdef, objective: Objective, optimizer, schedule, train_c
                    out_shardings=(state_sharding, state_sharding), donate_argnums=0)
 
 
-def build_training(run: RunConfig, objective: Objective, mesh):
-    """The model graph, the initial state (replicated over the mesh) and the jitted step of a run."""
+def abstract_batch(run: RunConfig, mesh, batch_size: int | None = None):
+    """ShapeDtypeStructs of one global training batch (latents, labels), sharded over the mesh."""
+    m, sharding = run.model, batch_sharded(mesh)
+    n = batch_size or run.train.batch_size
+    return (jax.ShapeDtypeStruct((n, m.input_size, m.input_size, m.in_channels), jnp.float32, sharding=sharding),
+            jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sharding))
+
+
+@dataclass(frozen=True)
+class CompiledStep:
+    """The training step compiled for a mesh (call it as step(state, batch); it also has cost_analysis()),
+    the microbatch count it was built with and its memory per device."""
+
+    step: jax.stages.Compiled
+    grad_accum: int
+    memory: StepMemory
+
+
+def accumulation_choices(run: RunConfig, devices: int) -> list[int]:
+    """The microbatch counts to try: the configured one, or for auto every k that splits each device's
+    share of the batch evenly, fewest first."""
+    if run.train.grad_accum != "auto":
+        return [run.train.grad_accum]
+    per_device = run.train.batch_size // devices
+    return [k for k in range(1, per_device + 1) if per_device % k == 0]
+
+
+def training_program(run: RunConfig, objective: Objective, mesh, grad_accum: int, unroll: bool = False):
+    """The jitted step of a run for `grad_accum` microbatches and the sharded shapes of its arguments."""
     optimizer, schedule = create_optimizer(run.train)
+    graphdef = nnx.split(nnx.eval_shape(lambda: DiT(run.model, rngs=nnx.Rngs(0))))[0]
+    abstract_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)),
+                                  jax.eval_shape(lambda: init_state(run.model, run.train, optimizer)[1]))
+    jitted = make_train_step(graphdef, objective, optimizer, schedule, run.train, mesh=mesh, grad_accum=grad_accum,
+                             dynamic_loss_scale=run.model.dtype == "float16", unroll=unroll)
+    return jitted, (abstract_state, abstract_batch(run, mesh))
+
+
+def compile_step(run: RunConfig, objective: Objective, mesh, grad_accum: int) -> CompiledStep:
+    """The step compiled ahead of time from shapes alone (no device memory is taken); raises DoesNotFit
+    with XLA's words where XLA refuses a program larger than the device (TPU)."""
+    jitted, args = training_program(run, objective, mesh, grad_accum)
+    try:
+        compiled = jitted.lower(*args).compile()
+    except Exception as error:
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        raise DoesNotFit(f"grad_accum={grad_accum}: {str(error).strip().splitlines()[0][:240]}") from None
+    return CompiledStep(compiled, grad_accum, StepMemory.of(compiled, mesh.devices.flat[0]))
+
+
+def compile_training(run: RunConfig, objective: Objective, mesh) -> CompiledStep:
+    """The step compiled for the mesh. train.grad_accum=auto takes the fewest microbatches whose step
+    leaves the memory headroom free on each device (failing that, the fewest that fit at all). A step
+    that does not fit raises DoesNotFit with the numbers and the fixes."""
+    device = mesh.devices.flat[0]
+    fitting, tried = [], []
+    for k in accumulation_choices(run, mesh.devices.size):
+        try:
+            compiled = compile_step(run, objective, mesh, k)
+        except DoesNotFit as refusal:
+            tried.append(str(refusal))
+            continue
+        if compiled.memory.fits_with_headroom:
+            return compiled
+        if compiled.memory.fits:
+            fitting.append(compiled)
+        tried.append(f"grad_accum={k}: {compiled.memory.describe()}")
+    if fitting:
+        return fitting[0]
+    per_device = run.train.batch_size // mesh.devices.size
+    raise DoesNotFit(
+        f"the training step of {run.variant} at global batch {run.train.batch_size} ({per_device} per device, "
+        f"{run.model.dtype}, remat {run.model.remat}, attention {run.model.attention_kind}) does not fit one "
+        f"{device.device_kind}: {'; '.join(tried)}. Set train.grad_accum=auto (or a larger k) to split the batch "
+        f"into microbatches, model.remat=dots or block to recompute activations, or a smaller train.batch_size; "
+        f"`python -m dit.bench compile` shows the memory of each choice."
+    )
+
+
+def build_training(run: RunConfig, objective: Objective, mesh) -> tuple[object, dict, CompiledStep]:
+    """The model graph, the initial state (replicated over the mesh) and the compiled step of a run."""
+    compiled = compile_training(run, objective, mesh)  # before any device memory is taken
+    optimizer, _ = create_optimizer(run.train)
     graphdef, state = init_state(run.model, run.train, optimizer)
-    step = make_train_step(graphdef, objective, optimizer, schedule, run.train,
-                           dynamic_loss_scale=run.model.dtype == "float16", mesh=mesh)
-    return graphdef, jax.device_put(state, replicated(mesh)), step
+    return graphdef, jax.device_put(state, replicated(mesh)), compiled
 
 
 def params_sha256(params) -> str:
@@ -313,7 +420,10 @@ def train(run: RunConfig, workdir: Path, source: BatchSource, objective: Objecti
     lead = jax.process_index() == 0
     mesh = data_mesh()
     local_batch_size(cfg.batch_size)  # fails early if the batch does not split over the devices
-    graphdef, state, train_step = build_training(run, objective, mesh)
+    graphdef, state, compiled = build_training(run, objective, mesh)  # DoesNotFit: before anything is written
+    train_step = compiled.step
+    if lead and progress:
+        print(f"training step compiled: grad_accum {compiled.grad_accum}, {compiled.memory.describe()}")
     checkpoints = Checkpoints(workdir / "checkpoints", cfg)
     if resume:
         last = _agreed_resume_step(checkpoints.latest_step(), workdir)
@@ -323,8 +433,10 @@ def train(run: RunConfig, workdir: Path, source: BatchSource, objective: Objecti
     elif lead:
         workdir.mkdir(parents=True, exist_ok=True)
         params = sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))
+        step_record = {"grad_accum": compiled.grad_accum, "memory_gb": compiled.memory.total / 1e9,
+                       "capacity_gb": None if compiled.memory.capacity is None else compiled.memory.capacity / 1e9}
         (workdir / "config.json").write_text(json.dumps(
-            {**to_dict(run), "params": params, **(record or {})}, indent=2))
+            {**to_dict(run), "params": params, "compiled_step": step_record, **(record or {})}, indent=2))
     step = int(to_host(state["step"]))
     last_saved = step if resume else None
     if cfg.jax_smi:

@@ -106,12 +106,15 @@ def test_official_initialisation_statistics():
     table = np.asarray(model.y_embedder.embedding_table.embedding[...])
     assert table.shape == (101, 384) and abs(table.std() - 0.02) < 0.001
     assert abs(float(model.t_embedder.mlp_in.kernel[...].std()) - 0.02) < 0.002
-    qkv = np.asarray(model.blocks[0].attn.qkv.kernel[...])
-    bound = np.sqrt(6 / (384 + 1152))  # xavier uniform
-    assert qkv.max() <= bound and qkv.min() >= -bound and qkv.std() > 0.8 * bound / np.sqrt(3)
-    assert not np.any(np.asarray(model.blocks[0].adaln_modulation.kernel[...]))
+    qkv = np.asarray(model.blocks.attn.qkv.kernel[...])
+    assert qkv.shape == (12, 384, 1152)  # stacked: one leading depth axis
+    bound = np.sqrt(6 / (384 + 1152))  # xavier uniform, from each block's own (384, 1152) fan
+    for block in qkv:
+        assert block.max() <= bound and block.min() >= -bound and block.std() > 0.8 * bound / np.sqrt(3)
+    assert not np.allclose(qkv[0], qkv[1])  # every block drew its own weights
+    assert not np.any(np.asarray(model.blocks.adaln_modulation.kernel[...]))
     assert not np.any(np.asarray(model.final_layer.linear.kernel[...]))
-    assert not np.any(np.asarray(model.blocks[0].attn.qkv.bias[...]))
+    assert not np.any(np.asarray(model.blocks.attn.qkv.bias[...]))
 
 
 def test_guided_model_fn_with_scale_one_is_conditional_and_interval_switches_it_off():
@@ -130,9 +133,45 @@ def test_guided_model_fn_with_scale_one_is_conditional_and_interval_switches_it_
     assert not np.allclose(out[1], model(x, t_hi, y)[1], atol=1e-3)
 
 
-def test_scanned_blocks_equal_the_python_loop():
+def test_scanned_blocks_equal_the_unrolled_loop():
     scanned = randomized(dataclasses.replace(TINY, depth=3, scan_blocks=True))
     looped = DiT(dataclasses.replace(TINY, depth=3, scan_blocks=False), rngs=nnx.Rngs(1))
     nnx.update(looped, nnx.state(scanned))
     x, t, y = batch(TINY)
     np.testing.assert_allclose(scanned(x, t, y), looped(x, t, y), rtol=1e-5, atol=1e-5)
+
+
+def test_every_block_parameter_is_stacked_over_depth():
+    cfg = dataclasses.replace(TINY, depth=3, adaln="shared", qk_norm=True)
+    for _, leaf in nnx.to_flat_state(nnx.state(DiT(cfg, rngs=nnx.Rngs(0)).blocks, nnx.Param)):
+        assert leaf.shape[0] == 3
+
+
+def test_stacked_blocks_hold_each_block_as_it_was_made():
+    from dit.model import DiTBlock, stack_blocks
+    rngs = nnx.Rngs(0)
+    blocks = [DiTBlock(TINY, rngs) for _ in range(3)]
+    stacked = stack_blocks(blocks)
+    for i, block in enumerate(blocks):
+        for (path, leaf), (_, stacked_leaf) in zip(nnx.to_flat_state(nnx.state(block)),
+                                                   nnx.to_flat_state(nnx.state(stacked))):
+            np.testing.assert_array_equal(stacked_leaf[...][i], leaf[...], err_msg=str(path))
+
+
+@pytest.mark.parametrize("remat", ["block", "dots"])
+@pytest.mark.parametrize("scan_blocks", [True, False])
+def test_remat_gives_the_same_gradients_as_none(remat, scan_blocks):
+    base = randomized(dataclasses.replace(TINY, depth=3, pos_embed="rope", qk_norm=True))
+    other = DiT(dataclasses.replace(base.cfg, remat=remat, scan_blocks=scan_blocks), rngs=nnx.Rngs(1))
+    nnx.update(other, nnx.state(base))
+    x, t, y = batch(TINY)
+
+    def gradients(model):
+        graphdef, params = nnx.split(model)
+        loss = lambda p: jnp.sum(jnp.square(nnx.merge(graphdef, p)(x, t, y)))
+        return jax.jit(jax.grad(loss))(params)
+
+    expected, got = jax.tree.leaves(gradients(base)), jax.tree.leaves(gradients(other))
+    assert len(expected) == len(got)
+    for a, b in zip(expected, got):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)

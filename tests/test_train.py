@@ -122,7 +122,8 @@ def test_one_device_and_eight_devices_give_the_same_step():
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = data_mesh(devices)
-        _, state, step = build_training(run, make_objective(run), mesh)
+        _, state, compiled = build_training(run, make_objective(run), mesh)
+        step = compiled.step
         state, metrics = step(state, global_batch(mesh, (x, y)))
         results.append(to_host((metrics["loss"], state["params"])))
     (loss1, params1), (loss8, params8) = results
@@ -141,7 +142,8 @@ def test_float16_dynamic_loss_scale_skips_overflowing_steps():
     run = run_config()
     run = RunConfig(model=dataclasses.replace(MODEL, dtype="float16"), train=run.train)
     mesh = data_mesh(jax.devices()[:1])
-    _, state, step = build_training(run, make_objective(run), mesh)
+    _, state, compiled = build_training(run, make_objective(run), mesh)
+    step = compiled.step
     x, y = toy_data(8)
     before = to_host(state["params"])
     assert float(to_host(state["loss_scale"])) == 2.0**15
@@ -186,3 +188,69 @@ def test_tensorboard_events_hold_the_logged_metrics(tmp_path):
     scalars = read_scalars(tmp_path / "run" / "tensorboard")
     assert [s for s, _ in scalars["train/loss"]] == [r["step"] for r in records] == [2, 4]
     np.testing.assert_allclose([v for _, v in scalars["train/loss"]], [r["loss"] for r in records], rtol=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_gradient_accumulation_gives_the_update_of_the_full_batch(objective):
+    x, y = toy_data(8)
+    results = {}
+    for k in (1, 2, 4):
+        run = run_config(objective=objective, grad_accum=k)
+        mesh = data_mesh(jax.devices()[:2])
+        _, state, compiled = build_training(run, make_objective(run), mesh)
+        assert compiled.grad_accum == k
+        state, metrics = compiled.step(state, global_batch(mesh, (x, y)))
+        results[k] = to_host((metrics, state["params"], state["ema"]))
+    (metrics1, params1, ema1) = results[1]
+    for k in (2, 4):
+        metrics, params, ema = results[k]
+        np.testing.assert_allclose(metrics["loss"], metrics1["loss"], rtol=1e-6)
+        np.testing.assert_allclose(metrics["grad_norm"], metrics1["grad_norm"], rtol=1e-5)
+        np.testing.assert_allclose(metrics["quartile_sum"], metrics1["quartile_sum"], rtol=1e-5)
+        np.testing.assert_array_equal(metrics["quartile_count"], metrics1["quartile_count"])
+        for a, b in zip(jax.tree.leaves(params1) + jax.tree.leaves(ema1), jax.tree.leaves(params) + jax.tree.leaves(ema)):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+    # ... and the step really differs from a plain half batch (the test can tell microbatches apart).
+    run = run_config(objective=objective)
+    mesh = data_mesh(jax.devices()[:2])
+    _, state, compiled = build_training(dataclasses.replace(run, train=dataclasses.replace(run.train, batch_size=4)),
+                                        make_objective(run), mesh)
+    _, half = compiled.step(state, global_batch(mesh, (x[:4], y[:4])))
+    assert not np.allclose(to_host(half["loss"]), metrics1["loss"], rtol=1e-3)
+
+
+def test_accumulated_run_resumes_exactly_and_matches_the_unaccumulated_run(tmp_path):
+    plain = run_config(steps=8)
+    accumulated = run_config(steps=8, grad_accum=2)
+    straight = train(plain, tmp_path / "a", source(), make_objective(plain), progress=False)
+    with pytest.raises(Interrupt):
+        train(accumulated, tmp_path / "b", source(crash_at=7), make_objective(accumulated), progress=False)
+    resumed = train(accumulated, tmp_path / "b", source(), make_objective(accumulated), resume=True, progress=False)
+    again = train(accumulated, tmp_path / "c", source(), make_objective(accumulated), progress=False)
+    assert resumed["params_sha256"] == again["params_sha256"]
+    config = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config["train"]["grad_accum"] == 2 and config["compiled_step"]["grad_accum"] == 2
+    a = [json.loads(l)["loss"] for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    c = [json.loads(l)["loss"] for l in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(c, a, rtol=1e-4)  # eight updates apart only by float32 rounding
+
+
+def test_auto_accumulation_takes_the_fewest_microbatches_that_fit(monkeypatch):
+    from dit.memory import CAPACITY_ENV, DoesNotFit
+    from dit.train import compile_training
+    run = run_config(grad_accum="auto")
+    run = dataclasses.replace(run, train=dataclasses.replace(run.train, batch_size=64))
+    mesh = data_mesh(jax.devices()[:1])
+    memory = {}
+    for k in (1, 2, 4, 8):
+        fixed = dataclasses.replace(run, train=dataclasses.replace(run.train, grad_accum=k))
+        memory[k] = compile_training(fixed, make_objective(fixed), mesh).memory.total
+    assert memory[1] > memory[2] > memory[4]  # microbatches need less memory
+    # A capacity that holds the 4-microbatch step with 20% headroom, but not the 2-microbatch one.
+    capacity = memory[4] / 0.8 * 1.001
+    assert memory[2] > 0.8 * capacity
+    monkeypatch.setenv(CAPACITY_ENV, str(capacity / 1e9))
+    assert compile_training(run, make_objective(run), mesh).grad_accum == 4
+    monkeypatch.setenv(CAPACITY_ENV, str(memory[8] * 0.5 / 1e9))  # half of what 8 microbatches need: no k fits
+    with pytest.raises(DoesNotFit, match="does not fit.*grad_accum=1.*grad_accum=64"):
+        compile_training(run, make_objective(run), mesh)

@@ -33,12 +33,12 @@ def test_unknown_name_lists_known_ones_and_closest():
 
 def test_each_feature_is_a_real_switch():
     base = DiT(resolve("baseline"), rngs=nnx.Rngs(0))
-    assert isinstance(DiT(resolve("swiglu"), rngs=nnx.Rngs(0)).blocks[0].mlp, SwiGluMlp)
+    assert isinstance(DiT(resolve("swiglu"), rngs=nnx.Rngs(0)).blocks.mlp, SwiGluMlp)
     assert isinstance(DiT(resolve("convstem"), rngs=nnx.Rngs(0)).x_embedder, ConvStem)
-    assert DiT(resolve("qknorm"), rngs=nnx.Rngs(0)).blocks[0].attn.q_scale is not None
+    assert DiT(resolve("qknorm"), rngs=nnx.Rngs(0)).blocks.attn.q_scale is not None
     shared = DiT(resolve("shared_adaln"), rngs=nnx.Rngs(0))
-    assert shared.shared_adaln is not None and shared.blocks[0].adaln_modulation is None
-    assert base.blocks[0].attn.q_scale is None and base.shared_adaln is None
+    assert shared.shared_adaln is not None and shared.blocks.adaln_modulation is None
+    assert base.blocks.attn.q_scale is None and base.shared_adaln is None
     assert resolve("rope").pos_embed == "rope" and resolve("rmsnorm").norm == "rmsnorm"
     assert resolve("patch1").patch_size == 1
 
