@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dit.layers import linear, rms_norm
 
@@ -41,6 +42,8 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """Softmax attention over (B, H, T, D) with q pre-scaled; float32 logits and softmax, (B, H, T, T) in memory."""
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    # Named so that a remat policy can keep these (in the compute dtype) instead of the float32 logits.
+    weights = checkpoint_name(weights, "attention_weights")
     return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
 
 

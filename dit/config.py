@@ -144,7 +144,7 @@ class TrainConfig:
 
     steps: int = 400_000
     batch_size: int = 256  # global, over all devices of all processes
-    grad_accum: int | str = 1  # microbatches per optimizer step; auto: the fewest whose step fits the device
+    grad_accum: int | str = "auto"  # microbatches per optimizer step; auto: the fewest whose step fits the device
     lr: float = 1e-4
     schedule: str = "constant"  # constant | cosine (to 0 at `steps`), after `warmup_steps` of linear warmup
     warmup_steps: int = 0

@@ -66,6 +66,13 @@ def stack_blocks(blocks: list[DiTBlock]) -> DiTBlock:
 # batch dimensions), and recomputes attention's token-by-token products, norms and activations.
 REMAT_POLICIES = {"block": jax.checkpoint_policies.nothing_saveable,
                   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+# What a scanned block keeps with remat `none`: the weight products' outputs and the attention weights,
+# recomputing the elementwise work (norms, modulation, activations) inside the backward's fusions, as
+# XLA does by itself for the unrolled loop. Without a policy the scan keeps every intermediate: 2.9x the
+# unrolled step's temporaries on a TPU v3 (4.79 against 1.68 GB for DiT-S/2, bfloat16, 32 per core).
+SCANNED_RESIDUALS = jax.checkpoint_policies.save_from_both_policies(
+    jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    jax.checkpoint_policies.save_only_these_names("attention_weights"))
 
 
 class FinalLayer(nnx.Module):
@@ -118,8 +125,9 @@ class DiT(nnx.Module):
         def run_block(h, block_state):
             return nnx.merge(block_def, block_state)(h, c, shared, rope_angles), None
 
-        if cfg.remat != "none":
-            run_block = jax.checkpoint(run_block, policy=REMAT_POLICIES[cfg.remat])
+        policy = REMAT_POLICIES.get(cfg.remat, SCANNED_RESIDUALS if cfg.scan_blocks else None)
+        if policy is not None:
+            run_block = jax.checkpoint(run_block, policy=policy)
         # One lax.scan over the stacked parameters. Without the loop boundary XLA fuses the residual stream
         # across all blocks and recomputes it in every consumer (quadratic in depth): on the CPU the scanned
         # step trains DiT-S/2 about 1.5x faster and compiles faster. scan_blocks=False unrolls the same loop.

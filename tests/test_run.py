@@ -127,3 +127,15 @@ def test_missing_inputs_are_one_clear_error_and_create_no_run(home, args, messag
     assert out.returncode == 2, out.stderr[-2000:]
     assert message in out.stderr and "Traceback" not in out.stderr
     assert not (home / "lb-x.csv").exists() and not any((home / "runs").glob("baseline-*"))
+
+
+def test_a_step_that_does_not_fit_the_device_is_refused_before_the_run_starts(home):
+    import os
+    env = {**os.environ, "DIT_DEVICE_MEMORY_GB": "0.0001"}  # a device of 100 KB: no microbatch fits
+    out = subprocess.run([sys.executable, str(RUN), "--variant", "baseline", "--preset", "smoke", "--workdir",
+                          "runs/nofit", "--leaderboard", "lb-nofit.csv", "--no-progress"],
+                         capture_output=True, text=True, cwd=home, env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "does not fit" in out.stderr and "train.grad_accum" in out.stderr and "model.remat" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (home / "runs" / "nofit").exists() and not (home / "lb-nofit.csv").exists()
