@@ -22,7 +22,9 @@ from ablations.presets import PRESETS, prepare_data
 from dit.config import RunConfig, apply_overrides, from_dict, to_dict
 from dit.counting import count_params
 from dit.errors import UserError, report
+from dit.rundir import CONFIG, SUMMARY, holds_run, read_json, read_metrics, write_json
 from variants import BUDGET, REGISTERED, check_budget, measure, resolve
+from variants.budget import VariantCost
 from variants.registry import ALIASES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,12 +33,13 @@ REPO = Path(__file__).resolve().parents[1]
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python ablations/run.py", description=__doc__.splitlines()[0])
     parser.add_argument("--variant", help="variant name; features compose with '_' (see --list)")
-    parser.add_argument("--preset", default="in100", help=f"one of {', '.join(PRESETS)} (default in100)")
+    parser.add_argument("--preset", help=f"one of {', '.join(PRESETS)} (default in100; on --resume, the run's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any config field, e.g. --set model.depth=13 --set train.steps=1000")
     parser.add_argument("--workdir", help="run directory (default runs/VARIANT-PRESET-ID, new)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --workdir (default: the latest unfinished runs/VARIANT-PRESET-*)")
+                        help="continue the run in --workdir, with its own settings (or the latest unfinished "
+                             "runs/VARIANT-PRESET-*); only train.steps, train.lr and train.grad_clip may change")
     parser.add_argument("--dry-run", action="store_true", help="stop after the budget check; print the resolved config")
     parser.add_argument("--list", action="store_true", help="list the variants and presets, one line each")
     parser.add_argument("--leaderboard", default=None, help="the leaderboard CSV (default results/leaderboard.csv)")
@@ -92,7 +95,7 @@ def choose_workdir(args, config: RunConfig) -> Path:
     runs = Path("runs")
     if args.resume:
         unfinished = sorted((p for p in runs.glob(f"{config.variant}-{config.preset}-*")
-                             if (p / "checkpoints").is_dir() and not (p / "summary.json").exists()),
+                             if (p / CONFIG).is_file() and not (p / SUMMARY).exists()),
                             key=lambda p: p.stat().st_mtime)
         if not unfinished:
             raise UserError(f"--resume: no unfinished run of {config.variant} with preset {config.preset} under "
@@ -112,22 +115,67 @@ def _shared_run_id() -> str:
     return f"{number:06x}"
 
 
-def check_resume_config(workdir: Path, config: RunConfig) -> RunConfig:
-    """A resumed run keeps its own settings; asking for others (except more steps) is an error."""
-    saved_path = workdir / "config.json"
-    if not saved_path.is_file():
-        raise UserError(f"--resume: {workdir} has no config.json; it is not a run directory made by this command.")
-    saved = from_dict(json.loads(saved_path.read_text()))
-    ours, theirs = to_dict(config), to_dict(saved)
-    changed = [f"{section}.{key}: {theirs[section][key]!r} in the run, {value!r} now"
+# What a resume may change: more steps, and the recovery from a diverged run that the NaN message advises.
+RESUME_MAY_CHANGE = ("train.steps", "train.lr", "train.grad_clip")
+
+
+def resumed_config(workdir: Path, args) -> tuple[RunConfig, VariantCost, dict]:
+    """A resumed run's config: its config.json with the --set options applied on top; returns it, the
+    budget cost recorded at its start and the changes made now. Other changes are an error."""
+    saved = read_json(workdir / CONFIG)
+    if saved is None:
+        raise UserError(f"--resume: {workdir} has no config.json; it is not a run directory made by this command "
+                        f"(or it was killed before it began: start it again without --resume).")
+    run = from_dict(saved)
+    for given, name in ((args.variant, "variant"), (args.preset, "preset")):
+        if given is not None and given != getattr(run, name):
+            raise UserError(f"--resume: {workdir} is a run of {name} {getattr(run, name)!r}, not {given!r}; leave "
+                            f"--{name} out (a resume reads it from config.json) or choose another --workdir.")
+    config = apply_overrides(run, args.overrides)
+    ours, theirs = to_dict(config), to_dict(run)
+    changes = {f"{section}.{key}": [theirs[section][key], value]
                for section in ours if isinstance(ours[section], dict)
-               for key, value in ours[section].items()
-               if theirs[section].get(key) != value and f"{section}.{key}" != "train.steps"]
-    changed += [f"{k}: {theirs[k]!r} in the run, {ours[k]!r} now" for k in ("variant", "preset") if ours[k] != theirs[k]]
-    if changed:
-        raise UserError(f"--resume: {workdir} was started with other settings ({'; '.join(changed)}). Resume with "
-                        f"the same variant, preset and --set options (only train.steps may grow), or start a new run.")
-    return config
+               for key, value in ours[section].items() if theirs[section].get(key) != value}
+    refused = [f"{key}: {old!r} in the run, {new!r} now" for key, (old, new) in changes.items()
+               if key not in RESUME_MAY_CHANGE]
+    if refused:
+        raise UserError(f"--resume: {workdir} was started with other settings ({'; '.join(refused)}). A resume "
+                        f"keeps the run's settings (only {', '.join(RESUME_MAY_CHANGE)} may change): resume with "
+                        f"just `--resume --workdir {workdir}`, or start a new run for other settings.")
+    cost = VariantCost(run.variant, saved.get("budget_params") or 0, saved.get("gflops") or 0.0)
+    return config, cost, changes
+
+
+def check_writable(path: Path, what: str) -> None:
+    """Refuses a path that cannot be written (read-only disk, no permission) before the run starts, by
+    creating and removing a file in it or in its nearest existing parent."""
+    import tempfile
+    target = path if path.is_dir() else path.parent
+    while not target.exists():
+        target = target.parent
+    try:
+        if path.is_file():
+            open(path, "a").close()
+        tempfile.TemporaryFile(dir=target).close()
+    except OSError as error:
+        raise UserError(f"cannot write {what} {path} ({error.strerror}: {target}); choose a writable place (pass "
+                        f"another {'--workdir' if what == 'the run directory' else '--' + what.split()[-1]}) or "
+                        f"fix the permissions. Nothing was started.") from None
+
+
+def check_room(config: RunConfig, workdir: Path) -> None:
+    """Refuses a run whose checkpoints cannot fit on the disk: keep_checkpoints + 1 (one being written) of
+    the float32 state (parameters, EMA and Adam's two moments)."""
+    import shutil
+    target = workdir
+    while not target.exists():
+        target = target.parent
+    needed = 4 * 4 * count_params(config.model) * (config.train.keep_checkpoints + 1)
+    free = shutil.disk_usage(target).free
+    if free < needed:
+        raise UserError(f"the disk holding {workdir} has {free / 1e9:.2f} GB free, and this run's checkpoints need "
+                        f"about {needed / 1e9:.2f} GB ({config.train.keep_checkpoints} kept + 1 being written); free "
+                        f"some space, choose another --workdir, or lower train.keep_checkpoints. Nothing was started.")
 
 
 def check_data(config: RunConfig, progress: bool):
@@ -149,21 +197,22 @@ def build_evaluator(config: RunConfig, data, workdir: Path):
     from dit.eval.evaluator import FrechetEvaluator
     from dit.model import DiT
     if config.eval.metric == "fid":
-        from dit.eval.inception import load_inception
+        from dit.eval.inception import FEATURES, load_inception
         from dit.eval.reference import load_reference
         if not config.eval.reference:
             raise UserError("eval.metric=fid needs reference statistics: make them with `python -m dit.eval.ref_stats "
                             "--data IMAGENET100_ROOT --out FILE.npz` and pass --set eval.reference=FILE.npz.")
         inception = load_inception(config.eval.inception or None)
-        embed, reference = inception.features, load_reference(config.eval.reference, inception)
+        embed, reference = inception.features, load_reference(config.eval.reference, inception, dims=FEATURES)
     else:
-        from dit.eval.digits_classifier import digits_reference, load_or_train
+        from dit.eval.digits_classifier import FEATURES, digits_reference, load_or_train
         if data.cache is None:
             raise UserError("eval.metric=fd_digits is the built-in digits' metric and is computed from their latent "
                             "cache (data.cache); with data.images, evaluate FID: --set eval.metric=fid --set "
                             "eval.reference=FILE.npz (from `python -m dit.eval.ref_stats`).")
         classifier = load_or_train(data.cache.directory)
         embed, reference = classifier.features, digits_reference(data.cache.directory, classifier)
+        reference.check(FEATURES)  # built from the classifier's own features: cheap, and catches a changed head
     graphdef = nnx.split(nnx.eval_shape(lambda: DiT(config.model, rngs=nnx.Rngs(0))))[0]
     return FrechetEvaluator(config.eval.metric, embed, reference, data.decoder(config.data), config, graphdef,
                             sample_dir=workdir / "samples")
@@ -175,11 +224,10 @@ def leaderboard_rows(config: RunConfig, workdir: Path, record: dict) -> list[dic
     metric = config.eval.metric
     by_step = {}
     speeds = []
-    for line in (workdir / "metrics.jsonl").read_text().splitlines():
-        entry = json.loads(line)
+    for entry in read_metrics(workdir):
         if "compile_s" not in entry and entry.get("img_per_s"):
             speeds.append(entry["img_per_s"])
-        if metric in entry:
+        if entry.get(metric) is not None:
             by_step[entry["step"]] = entry
     img_per_s = float(np.median(speeds)) if speeds else None
     from dit.sample import sampler_name
@@ -224,15 +272,22 @@ def train_and_record(args, config: RunConfig, cost) -> int:
     lead = jax.process_index() == 0
     progress = not args.no_progress and lead
     workdir = choose_workdir(args, config)
-    if args.resume:
-        config = check_resume_config(workdir, config)
-    elif workdir.exists() and any(workdir.iterdir()):
-        raise UserError(f"the run directory {workdir} already exists and is not empty; pass --resume to continue "
-                        f"that run, or choose another --workdir. Nothing was changed.")
-    data = check_data(config, progress)
-    evaluator = build_evaluator(config, data, workdir)  # loads weights and statistics: fails before the run starts
     leaderboard = Path(args.leaderboard) if args.leaderboard else REPO / "results" / "leaderboard.csv"
     figures = Path(args.figures) if args.figures else REPO / "results" / "figures"
+    changes = {}
+    if args.resume:
+        config, cost, changes = resumed_config(workdir, args)
+        finished = read_json(workdir / SUMMARY)
+        if finished is not None:
+            return finished_run(config, workdir, finished, leaderboard, lead)
+    elif holds_run(workdir):
+        raise UserError(f"the run directory {workdir} already exists and is not empty; pass --resume to continue "
+                        f"that run, or choose another --workdir. Nothing was changed.")
+    for path, what in ((workdir, "the run directory"), (leaderboard, "the leaderboard"), (figures, "the figures")):
+        check_writable(path, what)
+    check_room(config, workdir)
+    data = check_data(config, progress)
+    evaluator = build_evaluator(config, data, workdir)  # loads weights and statistics: fails before the run starts
     record = {
         "run_id": workdir.name, "budget_params": cost.params, "gflops": cost.gflops,
         "dataset": data.dataset, "resolution": data.resolution,
@@ -245,20 +300,38 @@ def train_and_record(args, config: RunConfig, cost) -> int:
               f"{count_params(config.model):,} parameters in this run's model")
     source = data.batches(config.data, config.train)
     summary = train(config, workdir, source, make_objective(config), resume=args.resume, record=record,
-                    progress=progress, evaluate=evaluator)
+                    progress=progress, evaluate=evaluator, resume_changes=changes)
     if summary["preempted"]:
         if lead:
             print(f"stopped at step {summary['final_step']} on SIGTERM, checkpoint saved; continue with "
-                  f"`python ablations/run.py --variant {config.variant} --preset {config.preset} --resume "
-                  f"--workdir {workdir}`")
+                  f"`python ablations/run.py --resume --workdir {workdir}`")
         return 0
     if lead:
         rows = record_results(config, workdir, record, leaderboard)
         write_figures(workdir, leaderboard, figures)
-        final = summary["last_metrics"].get(config.eval.metric)
-        print(f"done: step {summary['final_step']}, {config.eval.metric} {final:.3f} on "
-              f"{summary['last_metrics'].get(config.eval.metric + '_samples')} samples; {len(rows)} leaderboard "
+        print(f"done: step {summary['final_step']}, {describe_metric(config, summary)}; {len(rows)} leaderboard "
               f"rows added to {leaderboard}; samples in {workdir / 'samples'}; figures in {figures}")
+    return 0
+
+
+def describe_metric(config: RunConfig, summary: dict) -> str:
+    metric, last = config.eval.metric, summary.get("last_metrics") or {}
+    if last.get(metric) is None:
+        return f"no {metric} at the last step"
+    return f"{metric} {last[metric]:.3f} on {last.get(metric + '_samples')} samples"
+
+
+def finished_run(config: RunConfig, workdir: Path, summary: dict, leaderboard: Path, lead: bool) -> int:
+    """--resume of a complete run: nothing in it is touched; its leaderboard rows are added if a crash
+    after its summary lost them."""
+    if config.train.steps > summary.get("final_step", 0):
+        raise UserError(f"--resume: {workdir} is complete at step {summary.get('final_step')}, and its summary and "
+                        f"leaderboard rows are final; a finished run is not extended. Start a new run with "
+                        f"--set train.steps={config.train.steps}.")
+    if lead:
+        rows = record_results(config, workdir, read_json(workdir / CONFIG), leaderboard)
+        print(f"{workdir} is complete (step {summary.get('final_step')}, {describe_metric(config, summary)}); nothing "
+              f"to do{f', {len(rows)} missing leaderboard rows added' if rows else ''}.")
     return 0
 
 
@@ -268,7 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.list:
             list_all()
             return 0
-        config, cost = resolve_run(args)
+        if args.resume and args.workdir:  # everything else is read from the run's config.json
+            config, cost, _ = resumed_config(Path(args.workdir), args)
+        else:
+            args.preset = args.preset or "in100"
+            config, cost = resolve_run(args)
         if args.dry_run:
             print(json.dumps(to_dict(config), indent=2))
             print(f"variant {config.variant}: {cost.params:,} trainable parameters at DiT-S scale "

@@ -2,7 +2,7 @@
 
 Each (variant, seed) gets a fixed run directory, `runs/<variant>-<preset>-seed<seed>/`, so a sweep
 started again skips the runs that are complete (summary.json), resumes the ones that were cut off
-(checkpoints but no summary) and starts the rest. `--print` prints the commands instead, one per
+(config.json but no summary) and starts the rest. `--print` prints the commands instead, one per
 line, for a cluster scheduler (each line is safe to run again: it resumes or skips in the same way).
 """
 
@@ -42,7 +42,7 @@ def plan(variants: list[str], seeds: list[int], preset: str, runs: Path, overrid
             if leaderboard:
                 command += ["--leaderboard", leaderboard]
             command += list(passed)
-            if (workdir / "checkpoints").is_dir():
+            if (workdir / "config.json").is_file():  # started: resumed, even if killed before its first checkpoint
                 command.append("--resume")
             steps.append((str(workdir), command))
     return steps

@@ -176,15 +176,18 @@ def metric_vs_cost(best: pd.DataFrame, metric: str, colors: dict | None = None, 
     return fig
 
 
-def throughput(frame: pd.DataFrame, colors: dict | None = None) -> Figure:
-    """Training images per second per variant: the median over logged steps.
-
-    Lines marked `includes_compile` (the first of each training session) are left out: compilation
-    makes them unrepresentative. Leaderboard rows (no such column) are used as they are.
-    """
+def steady_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows whose img_per_s is steady-state: logged, and not marked `includes_compile` (the first
+    line of each training session, slowed by compilation). Leaderboard rows (no such mark) all count."""
     rows = frame.dropna(subset=["img_per_s"])
     if "includes_compile" in rows:
         rows = rows[~rows["includes_compile"].astype(bool)]
+    return rows
+
+
+def throughput(frame: pd.DataFrame, colors: dict | None = None) -> Figure:
+    """Training images per second per variant: the median over the `steady_rows`."""
+    rows = steady_rows(frame)
     where = _dataset(rows)
     colors = _colors(frame, colors)
     keys = _series_key(rows)

@@ -66,7 +66,7 @@ def _group(frame: pd.DataFrame, dataset: str, metric: str) -> pd.DataFrame:
 
 
 def draw_all(runs_dir: Path, leaderboard_path: Path, out: Path) -> list[Path]:
-    """Every figure the results allow; returns the files written (none when there are no results)."""
+    """Every figure the results allow; returns exactly the files written (none when there are no results)."""
     runs = load_runs(runs_dir)
     frame = metrics_frame(runs)
     table = read_leaderboard(leaderboard_path)
@@ -79,17 +79,21 @@ def draw_all(runs_dir: Path, leaderboard_path: Path, out: Path) -> list[Path]:
         in_table = _group(table, dataset, metric)
         latest_in_table = latest_rows(in_table)  # as load_runs: a rerun of a seed replaces it in the curves
         group_runs = [r for r in runs if (r.dataset, r.metric) == (dataset, metric)]
+        # Each figure is drawn only when the rows it draws exist: a figure of no data is skipped, not written.
         # The run directories hold every evaluation; the leaderboard stands in where they are not at hand.
         steps = in_runs if in_runs["value"].notna().any() else latest_in_table
         if steps["value"].notna().any():
             written += plots.save(plots.metric_vs_steps(steps, metric, colors), out, f"{metric}_vs_steps-{suffix}")
         if in_runs["loss"].notna().any():
             written += plots.save(plots.loss_curves(in_runs, colors), out, f"loss_curves-{suffix}")
-        speed = in_runs if in_runs["img_per_s"].notna().any() else latest_in_table
-        if "img_per_s" in speed and speed["img_per_s"].notna().any():
+        speed = plots.steady_rows(in_runs)
+        if speed.empty and "img_per_s" in latest_in_table:  # e.g. runs that logged only their compiling line
+            speed = plots.steady_rows(latest_in_table)
+        if not speed.empty:
             written += plots.save(plots.throughput(speed, colors), out, f"throughput-{suffix}")
         # The leaderboard's own notion of best (per recipe) where it has rows, so figure and table agree.
         best = best_per_variant(in_table) if not in_table.empty else best_rows(in_runs)
+        best = best.dropna(subset=["value"])  # a recipe never evaluated, or diverged, has no point to draw
         if not best.empty and best[["params", "gflops"]].notna().all().all():
             written += plots.save(plots.metric_vs_cost(best, metric, colors), out, f"metric_vs_cost-{suffix}")
         if any(r.samples for r in group_runs):

@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import json
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
-from ablations.leaderboard import COLUMNS
+from ablations.leaderboard import COLUMNS, FLOAT_COLUMNS, INT_COLUMNS
+from dit import rundir
 from dit.errors import UserError
 
 LEADERBOARD_COLUMNS = list(COLUMNS)  # as ablations/leaderboard.py writes them
+_LEADERBOARD_NUMBERS = list(INT_COLUMNS + FLOAT_COLUMNS)
 _GRID_NAME = re.compile(r"step_(\d+)\.png$")
 
 
 @dataclass
 class Run:
-    """One run directory as read: its config, its metrics (one row per step, the last logged wins)."""
+    """One run directory as read: its config, its metrics (one row per step, its lines merged)."""
 
     path: Path
     config: dict
@@ -52,59 +52,43 @@ class Run:
         return "digits" if self.metric == "fd_digits" else "imagenet100"
 
 
-def read_metrics(path: Path) -> pd.DataFrame:
-    """metrics.jsonl as one row per step, sorted; a resumed run's repeated steps keep their last line.
+def _numeric(frame: pd.DataFrame, columns) -> pd.DataFrame:
+    """`columns` (those present) as numbers: a non-number (null, "NaN", text) and +-Inf become NaN.
 
-    A run killed mid-write leaves a partial line; when it is resumed, the next line is appended to that
-    partial one. Both are tolerated: a line that does not parse is cut to its last '{"step"' (every line
-    starts with the step), and a partial line with nothing to salvage is skipped.
+    A column holding a null, or absent from a run and filled with None, is object-typed, and one such run
+    turns the column of every frame it is concatenated with into objects that numpy cannot compare or
+    draw. Inf is a diverged value, no more drawable or rankable than NaN.
     """
-    records = []
-    if path.exists():
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            record = _parse_line(line)
-            if record is None:
-                warnings.warn(f"{path}:{number}: skipped a partially written line", stacklevel=2)
-            else:
-                records.append(record)
-    frame = pd.DataFrame.from_records(records)
-    if frame.empty:
+    frame = frame.copy()
+    infinite = [float("inf"), float("-inf")]
+    for column in [c for c in columns if c in frame.columns]:
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").replace(infinite, float("nan"))
+    return frame
+
+
+def read_metrics(path: Path) -> pd.DataFrame:
+    """metrics.jsonl as one row per step, sorted, every column a number (NaN where none was logged).
+
+    Read by dit.rundir, as the launcher reads it: the lines of a step are merged (a training line, then
+    its evaluation; a resumed run's repeat), later values winning; torn lines are skipped with a warning.
+    """
+    records = rundir.read_metrics(path)
+    if not records:
         return pd.DataFrame({"step": pd.Series(dtype="int64")})
-    frame = frame.dropna(subset=["step"]).astype({"step": "int64"})
-    return frame.drop_duplicates("step", keep="last").sort_values("step").reset_index(drop=True)
-
-
-def _parse_line(line: str) -> dict | None:
-    for start in (0, line.rfind('{"step"')):
-        if start < 0:
-            continue
-        try:
-            record = json.loads(line[start:])
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "step" in record:
-            return record
-    return None
+    frame = pd.DataFrame.from_records(records)
+    return _numeric(frame, frame.columns)  # metrics.jsonl holds numbers, nulls and flags (`evaluated`: 1.0)
 
 
 def load_run(path: Path) -> Run:
+    """One run directory; a damaged config.json or summary.json is a UserError naming the file."""
     path = Path(path)
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as error:
-        raise UserError(f"{path / 'config.json'} is not valid JSON ({error}); fix or remove that run directory.")
-    summary_path = path / "summary.json"
-    summary = None
-    if summary_path.exists():
-        try:
-            summary = json.loads(summary_path.read_text())
-        except json.JSONDecodeError:
-            summary = None  # being written at this moment; the run reads as unfinished
+    config = rundir.read_json(path / rundir.CONFIG)
+    if config is None:
+        raise UserError(f"{path} holds no {rundir.CONFIG}; it is not a run directory.")
+    summary = rundir.read_json(path / rundir.SUMMARY)  # written atomically: absent, or whole
     samples = sorted((int(m.group(1)), p) for p in (path / "samples").glob("step_*.png")
                      if (m := _GRID_NAME.search(p.name)))
-    return Run(path, config, read_metrics(path / "metrics.jsonl"), summary, samples)
+    return Run(path, config, read_metrics(path / rundir.METRICS), summary, samples)
 
 
 def load_runs(runs_dir: str | Path, superseded: bool = False) -> list[Run]:
@@ -117,7 +101,7 @@ def load_runs(runs_dir: str | Path, superseded: bool = False) -> list[Run]:
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return []
-    runs = [load_run(p) for p in sorted(runs_dir.iterdir()) if (p / "config.json").is_file()]
+    runs = [load_run(p) for p in sorted(runs_dir.iterdir()) if (p / rundir.CONFIG).is_file()]
     return runs if superseded else latest_runs(runs)
 
 
@@ -130,7 +114,7 @@ def started(run: Run) -> str:
     if run.config.get("started"):
         return run.config["started"]
     from datetime import datetime, timezone
-    mtime = (run.path / "config.json").stat().st_mtime
+    mtime = (run.path / rundir.CONFIG).stat().st_mtime
     return datetime.fromtimestamp(mtime, timezone.utc).isoformat(timespec="seconds")
 
 
@@ -166,6 +150,7 @@ def metrics_frame(runs: list[Run]) -> pd.DataFrame:
     """
     columns = ["run_id", "variant", "preset", "seed", "dataset", "metric", "params", "gflops", "batch_size",
                "step", "loss", "img_per_s", "value", "num_samples", "includes_compile"]
+    numbers = ["seed", "params", "gflops", "batch_size", "step", "loss", "img_per_s", "value", "num_samples"]
     parts = []
     for run in runs:
         m = run.metrics
@@ -180,11 +165,12 @@ def metrics_frame(runs: list[Run]) -> pd.DataFrame:
             "loss": m.get("loss"), "img_per_s": m.get("img_per_s"),
             "value": m.get(run.metric), "num_samples": m.get(f"{run.metric}_samples"),
         }, columns=columns[:-1])
+        part = _numeric(part, numbers)  # a key the run never logged (no evaluation yet) is None here
         first = m["step"] == m["step"].min()
         part["includes_compile"] = first | (m["compile_s"].notna() if "compile_s" in m else False)
         parts.append(part)
     if not parts:
-        return pd.DataFrame(columns=columns)
+        return _numeric(pd.DataFrame(columns=columns), numbers)
     return pd.concat(parts, ignore_index=True)
 
 
@@ -192,20 +178,20 @@ def read_leaderboard(path: str | Path) -> pd.DataFrame:
     """results/leaderboard.csv with its columns checked; an absent file is an empty table."""
     path = Path(path)
     if not path.exists():
-        return pd.DataFrame(columns=LEADERBOARD_COLUMNS)
+        return _numeric(pd.DataFrame(columns=LEADERBOARD_COLUMNS), _LEADERBOARD_NUMBERS)
     if path.is_dir():
         raise UserError(f"the leaderboard {path} is a directory; pass the CSV file (results/leaderboard.csv).")
     try:
         table = pd.read_csv(path)
     except pd.errors.EmptyDataError:
-        return pd.DataFrame(columns=LEADERBOARD_COLUMNS)
+        return _numeric(pd.DataFrame(columns=LEADERBOARD_COLUMNS), _LEADERBOARD_NUMBERS)
     except (pd.errors.ParserError, UnicodeDecodeError) as error:
         raise UserError(f"the leaderboard {path} is not a readable CSV ({error}).")
     missing = [c for c in ("run_id", "variant", "dataset", "metric", "step", "value") if c not in table.columns]
     if missing:
         raise UserError(f"the leaderboard {path} lacks the columns {', '.join(missing)}; it is not a "
                         f"leaderboard written by this harness (columns: {', '.join(LEADERBOARD_COLUMNS)}).")
-    return table
+    return _numeric(table, _LEADERBOARD_NUMBERS)
 
 
 def best_rows(table: pd.DataFrame) -> pd.DataFrame:

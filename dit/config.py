@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 
 from dit.errors import UserError
@@ -30,6 +31,9 @@ _CHOICES = {
     "remat": ("none", "block", "dots"),
     "attention": ("auto", "dense", "blockwise"),
 }
+
+# The samplers that fit each objective, its default (eval.sampler="") first. dit.sample builds them.
+SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("sde", "euler", "heun")}
 
 # model.attention=auto picks blockwise attention above this many tokens (patch size 1 on 32x32 latents:
 # 1024), where the dense (B, heads, T, T) float32 logits dominate the step's memory.
@@ -72,7 +76,7 @@ class ModelConfig:
                     f"set it to one of those."
                 )
         positive = ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "num_classes",
-                    "attention_block")
+                    "attention_block", "conv_stem_width")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be a positive integer.")
@@ -95,6 +99,16 @@ class ModelConfig:
             raise ConfigError("the 2D sin-cos position embedding needs model.hidden_size divisible by 4.")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ConfigError(f"model.class_dropout_prob={self.class_dropout_prob} must lie in [0, 1).")
+        if not (math.isfinite(self.mlp_ratio) and int(self.hidden_size * self.mlp_ratio) > 0):
+            raise ConfigError(
+                f"model.mlp_ratio={self.mlp_ratio} must be a finite number > 0 that gives the MLP at least one unit "
+                f"(hidden_size x mlp_ratio >= 1); DiT uses 4."
+            )
+        if self.swiglu_hidden < 0:
+            raise ConfigError(
+                f"model.swiglu_hidden={self.swiglu_hidden} must be >= 0; give the SwiGLU width, or 0 for 2/3 of the "
+                f"GELU width."
+            )
 
     @property
     def head_dim(self) -> int:
@@ -178,6 +192,18 @@ class TrainConfig:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be a positive integer.")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay={self.ema_decay} must lie in [0, 1).")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"train.lr={self.lr} must be a finite number > 0, such as DiT's 1e-4.")
+        if not (math.isfinite(self.adam_eps) and self.adam_eps > 0):
+            raise ConfigError(f"train.adam_eps={self.adam_eps} must be a finite number > 0, such as 1e-8.")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"train.{name}={getattr(self, name)} must lie in [0, 1); AdamW's are 0.9 and 0.999.")
+        for name, off in (("warmup_steps", "no warmup"), ("keep_every", "keep none for good"),
+                          ("weight_decay", "no decay"), ("grad_clip", "no clipping")):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"train.{name}={value} must be a finite number >= 0 (0: {off}).")
         if self.grad_accum != "auto" and not (isinstance(self.grad_accum, int) and self.grad_accum > 0):
             raise ConfigError(f"train.grad_accum={self.grad_accum!r} must be a positive integer or auto.")
         if isinstance(self.grad_accum, int) and self.batch_size % self.grad_accum:
@@ -211,10 +237,16 @@ class EvalConfig:
         for name in ("every", "num_samples", "sampling_steps", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"eval.{name}={getattr(self, name)} must be a positive integer.")
-        if self.sampler not in ("", "ddpm", "ddim", "euler", "heun", "sde"):
-            raise ConfigError(f"eval.sampler={self.sampler!r} is not one of ddpm, ddim, euler, heun, sde.")
+        known = [name for samplers in SAMPLERS.values() for name in samplers]
+        if self.sampler and self.sampler not in known:
+            raise ConfigError(f"eval.sampler={self.sampler!r} is not one of {', '.join(known)}.")
         if not 0.0 <= self.guidance_low <= self.guidance_high <= 1.0:
             raise ConfigError("eval.guidance_low and eval.guidance_high must satisfy 0 <= low <= high <= 1.")
+        for name, meaning in (("ddim_eta", "0: deterministic DDIM, 1: as DDPM"),
+                              ("cfg_scale", "1: no guidance"), ("guided_channels", "0: all channels")):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"eval.{name}={value} must be a finite number >= 0 ({meaning}).")
 
 
 @dataclass(frozen=True)
@@ -243,6 +275,20 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        check_sampler(self.train.objective, self.eval.sampler)
+
+
+def check_sampler(objective: str, sampler: str) -> None:
+    """Raises ConfigError when eval.sampler is not one of the objective's samplers ("" always fits)."""
+    allowed = SAMPLERS[objective]
+    if sampler and sampler not in allowed:
+        raise ConfigError(
+            f"eval.sampler={sampler!r} does not fit train.objective={objective}, whose samplers are "
+            f"{', '.join(allowed)}; set eval.sampler to one of those, or to nothing (--set eval.sampler=) for "
+            f"the objective's default, {allowed[0]}."
+        )
 
 
 def to_dict(config) -> dict:
@@ -282,8 +328,13 @@ def _parse_value(key: str, text: str, kind: str):
 
 
 def apply_overrides(config: RunConfig, assignments: list[str]) -> RunConfig:
-    """Applies `section.field=value` strings (as given to --set) to a RunConfig, checking names and types."""
+    """Applies `section.field=value` strings (as given to --set) to a RunConfig, checking names and types.
+
+    Every assignment is parsed first and the config is built once from the final values, so checks across
+    fields (train.grad_accum divides train.batch_size, eval.sampler fits train.objective) do not depend on
+    the order of the --set options."""
     sections = {f.name: f for f in dataclasses.fields(config) if dataclasses.is_dataclass(getattr(config, f.name))}
+    changes: dict[str, dict] = {}
     for assignment in assignments:
         key, eq, text = assignment.partition("=")
         section, dot, name = key.strip().partition(".")
@@ -299,6 +350,6 @@ def apply_overrides(config: RunConfig, assignments: list[str]) -> RunConfig:
             raise ConfigError(
                 f"--set {key}: {section} has no field {name!r}; its fields are {', '.join(kinds)}.{hint}"
             )
-        value = _parse_value(key, text.strip(), kinds[name])
-        config = dataclasses.replace(config, **{section: dataclasses.replace(sub, **{name: value})})
-    return config
+        changes.setdefault(section, {})[name] = _parse_value(key, text.strip(), kinds[name])
+    built = {section: dataclasses.replace(getattr(config, section), **fields) for section, fields in changes.items()}
+    return dataclasses.replace(config, **built)

@@ -13,3 +13,12 @@ def report(error: UserError) -> int:
     """What every command does with a UserError: its one paragraph on stderr; returns the exit code."""
     print(f"error: {error}", file=sys.stderr)
     return error.exit_code
+
+
+def check_sizes(sizes: dict[str, tuple[int, int]]) -> None:
+    """Command-line sizes {flag: (value, an example)}: a size below 1 makes nothing, so it is refused
+    before anything slow or written, every bad flag named."""
+    bad = [f"{flag} {value}" for flag, (value, _) in sizes.items() if value < 1]
+    if bad:
+        raise UserError(f"{' and '.join(bad)}: sizes must be positive whole numbers, such as "
+                        + " ".join(f"{flag} {example}" for flag, (_, example) in sizes.items()) + ".")

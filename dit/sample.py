@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dit.autoencoder import as_function
-from dit.config import EvalConfig, ModelConfig, TrainConfig
+from dit.config import SAMPLERS, EvalConfig, ModelConfig, TrainConfig, check_sampler
 from dit.diffusion import create_diffusion
 from dit.errors import UserError
 from dit.flow import create_flow
@@ -51,16 +51,15 @@ def to_uint8(images: jax.Array) -> jax.Array:
 
 def sampler_name(train_cfg: TrainConfig, eval_cfg: EvalConfig) -> str:
     """eval.sampler, or the objective's default when it is "": ddpm for DDPM, SiT's sde for flow."""
-    return eval_cfg.sampler or ("ddpm" if train_cfg.objective == "ddpm" else "sde")
+    return eval_cfg.sampler or SAMPLERS[train_cfg.objective][0]
 
 
 def make_sampler(model_cfg: ModelConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig) -> Callable:
     """sampler(model_fn, noise, key, y) -> samples, for the run's objective and the eval settings."""
     name = sampler_name(train_cfg, eval_cfg)
+    check_sampler(train_cfg.objective, name)  # as RunConfig does; callers such as dit.bench pass sections alone
     steps = eval_cfg.sampling_steps
     if train_cfg.objective == "ddpm":
-        if name not in ("ddpm", "ddim"):
-            raise UserError(f"eval.sampler={name!r} does not fit train.objective=ddpm; use ddpm or ddim.")
         diffusion = create_diffusion(str(steps), learn_sigma=model_cfg.learn_sigma)
         to_model_time = lambda level: level * diffusion.timestep_map.max()
         if name == "ddpm":
@@ -69,8 +68,6 @@ def make_sampler(model_cfg: ModelConfig, train_cfg: TrainConfig, eval_cfg: EvalC
             loop = lambda fn, noise, key: diffusion.ddim_sample_loop(fn, noise.shape, key, eta=eval_cfg.ddim_eta,
                                                                      noise=noise)
     else:
-        if name not in ("euler", "heun", "sde"):
-            raise UserError(f"eval.sampler={name!r} does not fit train.objective=flow; use euler, heun or sde.")
         flow = create_flow()
         to_model_time = lambda level: 1.0 - level  # SiT's time: 0 is noise
         if name == "sde":

@@ -8,8 +8,9 @@ in the checkpoint, it continues bit for bit.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
-import json
 import math
 import signal
 import time
@@ -32,12 +33,18 @@ from dit.memory import DoesNotFit, StepMemory
 from dit.mesh import BATCH_AXIS, batch_sharded, data_mesh, global_batch, local_batch_size, replicated, to_host
 from dit.model import DiT
 from dit.objectives import Objective
+from dit.rundir import (CONFIG, METRICS, SUMMARY, RunLock, append_metrics, holds_run, read_json, read_metrics,
+                        record_resume_changes, write_json)
 
 FP16_INITIAL_SCALE = 2.0**15
 FP16_GROWTH_INTERVAL = 2000  # finite steps before the loss scale doubles
 
 
 class TrainingDiverged(UserError):
+    exit_code = 1
+
+
+class DiskFull(UserError):
     exit_code = 1
 
 
@@ -52,9 +59,10 @@ def create_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, op
         schedule = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, cfg.warmup_steps), main],
                                         [cfg.warmup_steps])
     optimizer = optax.adamw(schedule, b1=cfg.beta1, b2=cfg.beta2, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    if cfg.grad_clip > 0:
-        optimizer = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optimizer)
-    return optimizer, schedule
+    # Clipping is always in the chain (at an infinite norm when off), so the optimizer state has one shape
+    # whatever train.grad_clip is, and a diverged run can resume with clipping turned on.
+    clip = optax.clip_by_global_norm(cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    return optax.chain(clip, optimizer), schedule
 
 
 def init_state(model_cfg: ModelConfig, train_cfg: TrainConfig, optimizer: optax.GradientTransformation):
@@ -326,11 +334,12 @@ class _Log:
         if not np.all(np.isfinite(losses)):
             bad = first_step + int(np.argmin(np.isfinite(losses)))
             kept = f"the last good checkpoint (step {last_good}) is kept in {workdir}" if last_good else \
-                "no checkpoint was saved before it"
+                "no checkpoint was saved before it (a resume starts it again from step 0)"
             raise TrainingDiverged(
-                f"the loss became NaN or Inf at step {bad}; training stopped and {kept}. Lower train.lr, "
-                f"set train.grad_clip (e.g. 1.0), or use bfloat16 rather than float16, then start again "
-                f"(or --resume from the kept checkpoint)."
+                f"the loss became NaN or Inf at step {bad}; training stopped and {kept}. Resume with a lower "
+                f"learning rate or with clipping, which a resume may change: `python ablations/run.py --resume "
+                f"--workdir {workdir} --set train.lr=LOWER --set train.grad_clip=1.0` (or use bfloat16 rather "
+                f"than float16 in a new run)."
             )
 
     def exclude(self, seconds: float) -> None:
@@ -362,27 +371,60 @@ class _Log:
         if "bytes_in_use" in stats:
             record["memory_gb"] = stats["bytes_in_use"] / 1e9
             record["peak_memory_gb"] = stats.get("peak_bytes_in_use", 0) / 1e9
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if self.tensorboard is not None:
-            for name, value in record.items():
-                if name != "step" and value is not None:
-                    self.tensorboard.add_scalar(f"train/{name}", value, step)
-            self.tensorboard.flush()
+        self._append(record, "train")
         self.pending, self.since, self.timed_steps = [], time.perf_counter(), 0
         return record
+
+    def write_evaluation(self, step: int, evaluated: dict) -> dict:
+        """The evaluation of `step` as a line of its own: its presence marks the evaluation as done."""
+        record = {"step": step, "evaluated": True, **evaluated}
+        self._append(record, "eval")
+        return record
+
+    def _append(self, record: dict, section: str) -> None:
+        if self.path is not None:
+            append_metrics(self.path, record)
+        if self.tensorboard is not None:
+            for name, value in record.items():
+                if name not in ("step", "evaluated") and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(f"{section}/{name}", value, record["step"])
+            self.tensorboard.flush()
 
 
 def _prepare_workdir(workdir: Path, resume: bool) -> None:
     if resume:
-        if not (workdir / "checkpoints").is_dir():
-            raise UserError(f"--resume: {workdir} holds no checkpoints to resume from; start it without --resume.")
-    elif workdir.exists() and any(workdir.iterdir()):
+        if not (workdir / CONFIG).is_file() and not (workdir / "checkpoints").is_dir():
+            raise UserError(f"--resume: {workdir} holds no run (no config.json, no checkpoints) to resume; start "
+                            f"it without --resume.")
+    elif holds_run(workdir):
         raise UserError(
             f"the run directory {workdir} already exists and is not empty; pass --resume to continue that "
             f"run, or choose another --workdir. Nothing was changed."
         )
+
+
+def is_eval_step(run: RunConfig, step: int) -> bool:
+    return step > 0 and (step % run.eval.every == 0 or step == run.train.steps)
+
+
+def _pending_evaluation(run: RunConfig, workdir: Path, step: int, lead: bool) -> bool:
+    """True when `step` should have an evaluation that metrics.jsonl lacks (a run killed while evaluating:
+    the step's checkpoint is saved before its evaluation). Process 0 reads the file and tells the rest."""
+    pending = lead and is_eval_step(run, step) and not any(
+        r["step"] == step and r.get("evaluated") for r in read_metrics(workdir / METRICS))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        pending = bool(multihost_utils.broadcast_one_to_all(np.int32(pending)))
+    return pending
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """True for a full disk, also when a library wraps the OSError (orbax's async saves do)."""
+    while error is not None:
+        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _agreed_resume_step(latest: int | None, workdir: Path) -> int:
@@ -399,79 +441,139 @@ def _agreed_resume_step(latest: int | None, workdir: Path) -> int:
             f"common checkpoint into every process's directory under {workdir / 'checkpoints'} (or delete "
             f"the newer ones) so that all processes resume from the same step."
         )
-    if steps[0] < 0:
-        raise UserError(f"--resume: no finished checkpoint in {workdir / 'checkpoints'}.")
     return steps[0]
+
+
+def _restore(checkpoints: Checkpoints, state, workdir: Path, lead: bool):
+    """The state and data position of the newest intact checkpoint (every process agreeing on its step),
+    damaged newer ones moved aside with a warning; the initial state and None when none is left."""
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+
+    def agree(found: int | None) -> int | None:
+        agreed = _agreed_resume_step(found, workdir)
+        return None if agreed < 0 else agreed
+
+    step, restored, meta, skipped = checkpoints.restore_newest_intact(abstract, agree=agree)
+    if skipped and (checkpoints.local or lead):
+        aside = checkpoints.set_aside([s for s, _ in skipped])
+        for bad, problem in skipped:
+            print(f"warning: checkpoint step {bad} is damaged ({problem}); skipped it and moved it to {aside}")
+    if jax.process_count() > 1:  # every process, skipped or not: the moves are done before anyone saves
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("checkpoints set aside")
+        checkpoints.manager.reload()
+    if step is None:
+        if lead:
+            print(f"resuming {workdir}: no intact checkpoint, so training starts again from step 0")
+        return state, None
+    return restored, meta["data"]
 
 
 def train(run: RunConfig, workdir: Path, source: BatchSource, objective: Objective, *, resume: bool = False,
           record: dict | None = None, progress: bool = True,
-          evaluate: Callable[[int, object], dict] | None = None) -> dict:
+          evaluate: Callable[[int, object], dict] | None = None, resume_changes: dict | None = None) -> dict:
     """Trains run.model with run.train from `source`; returns the summary also written to summary.json.
 
-    Only process 0 writes config.json, metrics.jsonl and summary.json; every process takes part in
-    checkpoint saves. SIGTERM saves a checkpoint and returns with summary["preempted"] = True.
-    `evaluate(step, ema_params) -> metrics` runs every `eval.every` steps and at the last step (on every
-    process); its metrics join that step's line of metrics.jsonl, and its time is not training time.
+    Only process 0 writes config.json, metrics.jsonl and summary.json, holding the run directory's lock;
+    every process takes part in checkpoint saves. SIGTERM saves a checkpoint and returns with
+    summary["preempted"] = True; `resume_changes` ({"train.lr": [old, new]}: what a resume may change) go
+    into config.json. `evaluate(step, ema_params) -> metrics` runs every `eval.every` steps and
+    at the last step (on every process); each evaluation is a line of its own in metrics.jsonl, after the
+    step's checkpoint, so an evaluation cut off by a crash is run again on resume. A finished run (its
+    summary.json) is never touched again: resuming it returns its summary.
     """
     cfg = run.train
     workdir = Path(workdir)
-    _prepare_workdir(workdir, resume)
     lead = jax.process_index() == 0
+    if resume and (finished := read_json(workdir / SUMMARY)) is not None:
+        if cfg.steps > finished["final_step"]:
+            raise UserError(f"--resume: {workdir} is complete at step {finished['final_step']}, and its summary and "
+                            f"evaluations are final; a finished run is not extended. Start a new run with "
+                            f"train.steps={cfg.steps}.")
+        return finished
+    _prepare_workdir(workdir, resume)
     mesh = data_mesh()
     local_batch_size(cfg.batch_size)  # fails early if the batch does not split over the devices
     graphdef, state, compiled = build_training(run, objective, mesh)  # DoesNotFit: before anything is written
+    with contextlib.ExitStack() as held:
+        if lead:
+            held.enter_context(RunLock(workdir))
+            if not resume and (workdir / CONFIG).is_file():  # started by another run.py while this one compiled
+                raise UserError(f"the run directory {workdir} was started by another process a moment ago; pass "
+                                f"--resume to continue that run, or choose another --workdir.")
+        try:
+            return _train_locked(run, workdir, source, objective, resume, record, progress, evaluate, lead, mesh,
+                                 state, compiled, resume_changes or {})
+        except Exception as error:
+            if not _is_disk_full(error):
+                raise
+            raise DiskFull(
+                f"the disk holding {workdir} is full ({error}). Every checkpoint that finished is intact; free some "
+                f"space (or lower train.keep_checkpoints), then resume with `python ablations/run.py --resume "
+                f"--workdir {workdir}`."
+            ) from None
+
+
+def _train_locked(run: RunConfig, workdir: Path, source: BatchSource, objective: Objective, resume: bool,
+                  record: dict | None, progress: bool, evaluate, lead: bool, mesh, state, compiled,
+                  resume_changes: dict) -> dict:
+    cfg = run.train
     train_step = compiled.step
     if lead and progress:
         print(f"training step compiled: grad_accum {compiled.grad_accum}, {compiled.memory.describe()}")
     checkpoints = Checkpoints(workdir / "checkpoints", cfg)
-    if resume:
-        last = _agreed_resume_step(checkpoints.latest_step(), workdir)
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
-        state, meta = checkpoints.restore(last, abstract)
-        source.set_state(meta["data"])
-    elif lead:
-        workdir.mkdir(parents=True, exist_ok=True)
+    if lead and not (workdir / CONFIG).is_file():
         params = sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))
         step_record = {"grad_accum": compiled.grad_accum, "memory_gb": compiled.memory.total / 1e9,
                        "capacity_gb": None if compiled.memory.capacity is None else compiled.memory.capacity / 1e9}
-        (workdir / "config.json").write_text(json.dumps(
-            {**to_dict(run), "params": params, "compiled_step": step_record, **(record or {})}, indent=2))
+        write_json(workdir / CONFIG, {**to_dict(run), "params": params, "compiled_step": step_record, **(record or {})})
+    last_saved = None
+    if resume:
+        state, data_state = _restore(checkpoints, state, workdir, lead)
+        if data_state is not None:
+            source.set_state(data_state)
     step = int(to_host(state["step"]))
-    last_saved = step if resume else None
+    if step > 0:
+        last_saved = step
+    if lead and resume:
+        record_resume_changes(workdir, resume_changes, step)
     if cfg.jax_smi:
         _start_memory_tracking()
     writer = _tensorboard_writer(workdir) if cfg.tensorboard and lead else None
-    log = _Log(workdir / "metrics.jsonl" if lead else None, cfg.batch_size, writer)
+    log = _Log(workdir / METRICS if lead else None, cfg.batch_size, writer)
     first_unchecked = step + 1
     last_record: dict = {}
     preempted = False
     bar = tqdm(total=cfg.steps, initial=step, disable=not (progress and lead), desc="train", unit="step")
     try:
+        if resume and evaluate is not None and _pending_evaluation(run, workdir, step, lead):
+            # Killed while evaluating this step: its checkpoint holds the EMA the evaluation needs.
+            last_record = log.write_evaluation(step, evaluate(step, state["ema"]))
         with _Preemption() as preemption:
             while step < cfg.steps:
                 state, metrics = train_step(state, global_batch(mesh, source.next()))
                 step += 1
                 log.add(metrics)
                 bar.update(1)
-                at_eval = evaluate is not None and (step % run.eval.every == 0 or step == cfg.steps)
+                at_eval = evaluate is not None and is_eval_step(run, step)
                 at_log = step % cfg.log_every == 0 or step == cfg.steps or at_eval
-                at_save = step % cfg.ckpt_every == 0 or step == cfg.steps
+                # An evaluation step is always saved first, so a crash during the evaluation can redo it.
+                at_save = step % cfg.ckpt_every == 0 or step == cfg.steps or at_eval
                 stop = preemption.agreed() if (jax.process_count() == 1 or at_log) else False
                 if at_log or at_save or stop:
                     log.check_finite(first_unchecked, last_saved, workdir)  # never save a diverged state
                 if at_save or stop:
                     checkpoints.save(step, state, {"data": source.get_state(), "config": to_dict(run)})
                     last_saved = step
-                evaluated = {}
-                if at_eval:
-                    started = time.perf_counter()
-                    evaluated = evaluate(step, state["ema"])
-                    log.exclude(time.perf_counter() - started)
                 if at_log or stop:
-                    last_record = log.write(step, evaluated)
+                    last_record = log.write(step)
                     first_unchecked = step + 1
                     bar.set_postfix(loss=f"{last_record['loss']:.4f}", img_s=f"{last_record['img_per_s']:.1f}")
+                    checkpoints.seal_finished()
+                if at_eval:
+                    started = time.perf_counter()
+                    last_record = log.write_evaluation(step, evaluate(step, state["ema"]))
+                    log.exclude(time.perf_counter() - started)
                 if stop:
                     preempted = True
                     break
@@ -482,8 +584,10 @@ def train(run: RunConfig, workdir: Path, source: BatchSource, objective: Objecti
             writer.close()
         checkpoints.wait()
         checkpoints.close()
+    if lead:  # the step's lines merged: its training metrics and its evaluation
+        last_record = ([r for r in read_metrics(workdir / METRICS) if r["step"] == step] or [last_record])[-1]
     summary = {"final_step": step, "preempted": preempted, "params_sha256": params_sha256(state["ema"]),
                "last_metrics": last_record}
     if lead and not preempted:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json(workdir / SUMMARY, summary)
     return summary

@@ -14,7 +14,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from analysis import plots, report  # noqa: E402
 from analysis.leaderboard import best_per_variant  # noqa: E402
 from analysis.runs import best_rows, load_runs, metrics_frame, read_leaderboard, read_metrics  # noqa: E402
-from tests.fixtures_results import write_fixture_results  # noqa: E402
+from dit import rundir  # noqa: E402
+from tests.fixtures_results import _DEMO, _IN100, _config, _write_run, write_fixture_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ("{metric}_vs_steps", "loss_curves", "throughput", "metric_vs_cost", "sample_grids")
@@ -52,7 +53,7 @@ def test_load_runs_dedups_steps_and_tolerates_partial_lines(results, runs):
     resumed = by_path[results["resumed_run"]]
     steps = list(resumed.metrics["step"])
     assert steps == sorted(set(steps)) == list(range(100, 1001, 100))
-    # Step 600 was logged twice; the resumed session's line (glued onto the partial one) wins.
+    # Step 600 was logged twice; the lines are merged, the resumed session's (glued onto the partial one) winning.
     lines = (resumed.path / "metrics.jsonl").read_text().splitlines()
     resumed_600 = json.loads(lines[6][lines[6].rfind('{"step"'):])
     first_600 = json.loads(lines[5])
@@ -251,3 +252,83 @@ def test_a_rerun_of_a_variant_and_seed_supersedes_the_earlier_run(tmp_path):
     kept = latest_rows(pd.concat([table, rerun], ignore_index=True))
     assert again.name in set(kept["run_id"]) and old.run_id not in set(kept["run_id"])
     assert set(kept["run_id"]) == (set(table["run_id"]) - {old.run_id}) | {again.name}
+
+
+def _write_diverged_results(root: Path) -> Path:
+    """runs/ as the trainer writes it: baseline with 2 seeds; rope diverged (NaN, "NaN" and null values);
+    rope_swiglu stopped after its first (compiling) line, with no evaluation; the same on ImageNet-100 alone."""
+    runs = root / "runs"
+    runs.mkdir(parents=True)
+    for seed in (0, 1):
+        _write_run(runs, "baseline", _DEMO, seed)
+
+    def write(variant, spec, lines, summary=None):
+        config = _config(variant, spec, 0)
+        path = runs / config["run_id"]
+        path.mkdir()
+        (path / rundir.CONFIG).write_text(json.dumps(config, indent=2))
+        (path / rundir.METRICS).write_text("".join(json.dumps(line) + "\n" for line in lines))
+        if summary is not None:
+            (path / rundir.SUMMARY).write_text(json.dumps(summary))
+
+    nan = float("nan")
+    write("rope", _DEMO, [
+        {"step": 100, "loss": 0.4, "loss_q0": None, "img_per_s": 110.0, "compile_s": 25.0},
+        {"step": 200, "loss": nan, "loss_q0": None, "img_per_s": 111.0},  # json.dumps writes NaN
+        {"step": 200, "fd_digits": None, "fd_digits_samples": 500},  # its evaluation, on a line of its own
+        {"step": 300, "loss": "NaN", "grad_norm": float("inf"), "img_per_s": 112.0},
+    ])
+    first_line = {"step": 100, "loss": 0.4, "img_per_s": 100.0, "compile_s": 25.0}
+    stopped = {"final_step": 100, "preempted": True, "last_metrics": first_line}
+    write("rope_swiglu", _DEMO, [first_line], stopped)
+    write("rope_swiglu", _IN100, [{**first_line, "step": 10_000}], {**stopped, "final_step": 10_000})
+    return runs
+
+
+def test_diverged_and_stopped_runs_read_as_numbers(tmp_path):
+    frame = metrics_frame(load_runs(_write_diverged_results(tmp_path)))
+    for column in ("loss", "img_per_s", "value", "num_samples", "params"):
+        assert frame[column].dtype.kind in "fi", column  # an object column is what numpy cannot draw
+    rope = frame[frame["variant"] == "rope"].set_index("step")
+    assert rope["loss"].isna().tolist() == [False, True, True] and rope["value"].isna().all()
+    assert rope.loc[200, "num_samples"] == 500 and rope.loc[200, "img_per_s"] == 111.0  # two lines, merged
+
+
+def _printed_paths(out: str) -> list[Path]:
+    return [Path(line.strip()) for line in out.splitlines() if line.startswith("  ")]
+
+
+def test_report_draws_a_diverged_run_beside_seeds_and_lists_only_what_it_wrote(tmp_path, capsys):
+    runs = _write_diverged_results(tmp_path)
+    out = tmp_path / "figures"
+    out.mkdir()
+    (out / "stale.png").write_bytes(b"from an earlier report")
+    assert report.main(["--runs", str(runs), "--out", str(out)]) == 0
+    printed = _printed_paths(capsys.readouterr().out)
+    assert printed and all(path.is_file() for path in printed)
+    assert {path.name for path in printed} == {p.name for p in out.iterdir()} - {"stale.png"}
+    # The ImageNet-100 run logged one compiling line and nothing else: a loss curve, no empty placeholders.
+    assert {path.name for path in printed if "imagenet100" in path.name} == {
+        "loss_curves-imagenet100-fid.png", "loss_curves-imagenet100-fid.pdf"}
+    assert {path.name for path in printed if path.suffix == ".png" and "digits" in path.name} == {
+        f"{kind.format(metric='fd_digits')}-digits-fd_digits.png" for kind in KINDS}
+
+
+def test_torn_and_glued_lines_read_as_the_launcher_reads_them(tmp_path):
+    path = tmp_path / rundir.METRICS
+    lines = [json.dumps({"step": 100, "loss": 0.5}) + "\n",
+             json.dumps({"step": 200, "loss": 0.4, "img_per_s": 90.0}) + "\n",
+             json.dumps({"step": 300, "loss": 0.3})[:12],  # killed mid-write, then resumed from step 200:
+             json.dumps({"step": 200, "loss": 0.41, "compile_s": 20.0}) + "\n",  # glued onto the torn line
+             json.dumps({"step": 200, "fd_digits": 7.5, "fd_digits_samples": 500}) + "\n",
+             json.dumps({"step": 300, "loss": 0.3})[:20]]  # killed mid-write again: a torn last line
+    path.write_text("".join(lines))
+    with pytest.warns(UserWarning, match="partially written"):
+        launcher = rundir.read_metrics(path)
+    with pytest.warns(UserWarning, match="partially written"):
+        frame = read_metrics(path)
+    assert [r["step"] for r in launcher] == list(frame["step"]) == [100, 200]
+    as_read = [{k: v for k, v in row.items() if v == v} for row in frame.to_dict("records")]  # drops NaN
+    assert as_read == launcher
+    assert launcher[1] == {"step": 200, "loss": 0.41, "img_per_s": 90.0, "compile_s": 20.0, "fd_digits": 7.5,
+                           "fd_digits_samples": 500}

@@ -4,7 +4,8 @@ import dataclasses
 
 import pytest
 
-from dit.config import ConfigError, ModelConfig, RunConfig, apply_overrides, dit_config, to_dict
+from dit.config import (ConfigError, EvalConfig, ModelConfig, RunConfig, TrainConfig, apply_overrides, dit_config,
+                        to_dict)
 
 
 def test_overrides_reach_every_field_with_types():
@@ -33,10 +34,53 @@ def test_every_field_is_settable():
     ("model.patch_size=3", "not divisible"),
     ("model.dtype=float8", "float32, bfloat16, float16"),
     ("train.steps=0", "positive"),
+    ("train.lr=-1", "train.lr=-1.0 must be a finite number > 0"),
+    ("train.lr=nan", "train.lr=nan must be a finite number > 0"),
+    ("train.warmup_steps=-10", "train.warmup_steps=-10 must be a finite number >= 0"),
+    ("train.keep_every=-1", "train.keep_every=-1 must be a finite number >= 0"),
+    ("train.weight_decay=-0.1", "train.weight_decay=-0.1 must be a finite number >= 0"),
+    ("train.grad_clip=-1", "train.grad_clip=-1.0 must be a finite number >= 0"),
+    ("train.adam_eps=0", "train.adam_eps=0.0 must be a finite number > 0"),
+    ("train.beta1=1", r"train.beta1=1.0 must lie in \[0, 1\)"),
+    ("train.beta2=-0.5", r"train.beta2=-0.5 must lie in \[0, 1\)"),
+    ("model.mlp_ratio=0", "model.mlp_ratio=0.0 must be a finite number > 0"),
+    ("model.swiglu_hidden=-64", "model.swiglu_hidden=-64 must be >= 0"),
+    ("model.conv_stem_width=0", "model.conv_stem_width=0 must be a positive integer"),
+    ("eval.ddim_eta=-1", "eval.ddim_eta=-1.0 must be a finite number >= 0"),
+    ("eval.cfg_scale=inf", "eval.cfg_scale=inf must be a finite number >= 0"),
+    ("eval.guided_channels=-1", "eval.guided_channels=-1 must be a finite number >= 0"),
 ])
 def test_bad_overrides_fail_with_a_clear_message(assignment, message):
     with pytest.raises(ConfigError, match=message):
         apply_overrides(RunConfig(), [assignment])
+
+
+def test_overrides_are_checked_on_their_final_values_whatever_the_order():
+    for assignments in (["train.grad_accum=3", "train.batch_size=12"], ["eval.sampler=euler", "train.objective=flow"]):
+        for order in (assignments, assignments[::-1]):
+            assert apply_overrides(RunConfig(), order) == apply_overrides(RunConfig(), assignments[::-1])
+    cfg = apply_overrides(RunConfig(), ["train.grad_accum=3", "train.batch_size=12", "train.steps=5", "train.steps=7"])
+    assert (cfg.train.grad_accum, cfg.train.batch_size, cfg.train.steps) == (3, 12, 7)  # the last of two wins
+
+
+# The samplers of each objective ("" is the objective's default and always fits).
+FITS = {"ddpm": ("", "ddpm", "ddim"), "flow": ("", "euler", "heun", "sde")}
+
+
+@pytest.mark.parametrize("objective", FITS)
+@pytest.mark.parametrize("sampler", ["", "ddpm", "ddim", "euler", "heun", "sde"])
+def test_the_sampler_must_fit_the_objective_when_the_config_is_built(objective, sampler):
+    assignments = [f"train.objective={objective}", f"eval.sampler={sampler}"]
+    for order in (assignments, assignments[::-1]):
+        if sampler in FITS[objective]:
+            cfg = apply_overrides(RunConfig(), order)
+            assert (cfg.train.objective, cfg.eval.sampler) == (objective, sampler)
+        else:
+            with pytest.raises(ConfigError, match=f"eval.sampler='{sampler}' does not fit train.objective={objective}"):
+                apply_overrides(RunConfig(), order)
+    if sampler not in FITS[objective]:  # also without --set, as from a saved config.json
+        with pytest.raises(ConfigError, match="does not fit"):
+            RunConfig(train=TrainConfig(objective=objective), eval=EvalConfig(sampler=sampler))
 
 
 def test_rope_needs_head_dim_divisible_by_four():

@@ -61,6 +61,7 @@ def test_local_checkpoints_per_process_and_resume_agreement(tmp_path):
     # Process 1 loses its newest checkpoint: resuming must refuse rather than train out of step.
     import shutil
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "process_1" / "4")
+    (tmp_path / "run" / "summary.json").unlink()  # as if cut off after the last checkpoint: a finished run is final
     procs, outs = run_two(tmp_path / "run", 6, "--local", "--resume")
     assert [p.returncode for p in procs] == [2, 2]
     assert "process 0: 4, process 1: none" in outs[0][1] or "process 0: 4, process 1: 2" in outs[0][1]

@@ -170,3 +170,89 @@ def test_vae_latents_in_the_cache_equal_the_vae_encoding_and_sampling_decodes_th
     samples = generate(graphdef, params, model_cfg, TrainConfig(), EvalConfig(sampling_steps=2, batch_size=8),
                        seed=0, num_samples=8, decoder=ScaledDecoder(vae, SCALE_FACTOR), progress=False)
     assert samples.shape == (8, RES, RES, 3) and samples.dtype == np.uint8
+
+
+def test_a_folder_of_only_bad_files_is_refused_and_no_cache_is_marked_complete(tmp_path, capsys):
+    for name in ("a", "b"):
+        (tmp_path / "bad" / name).mkdir(parents=True)
+        (tmp_path / "bad" / name / "1.jpg").write_text("not a JPEG")
+    assert main(["--data", str(tmp_path / "bad"), "--vae", "pixels", "--out", str(tmp_path / "c"),
+                 "--resolution", "8"]) == 2
+    err = capsys.readouterr().err
+    error = err[err.index("error:"):]  # after the progress bar
+    assert error.startswith("error: none of the 2 image files could be read (2 not an image")
+    assert "no cache was made" in error and "Traceback" not in err and len(error.strip().splitlines()) == 1
+    assert not (tmp_path / "c" / latent_cache.MANIFEST).exists()
+    with pytest.raises(UserError, match="unfinished"):
+        LatentCache(tmp_path / "c")
+
+
+@pytest.mark.parametrize("flag,value", [("--shard-size", "-5"), ("--shard-size", "0"), ("--resolution", "0"),
+                                        ("--batch", "0")])
+def test_sizes_below_one_are_refused_before_anything_is_written(fake, tmp_path, capsys, flag, value):
+    root, _ = fake
+    assert main(["--data", str(root), "--vae", "pixels", "--out", str(tmp_path / "c"), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {flag} {value}: sizes must be positive") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c").exists()
+
+
+def test_an_out_that_is_a_file_is_refused(fake, tmp_path, capsys):
+    root, _ = fake
+    (tmp_path / "file").write_text("mine")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        assert main(["--data", str(root), "--vae", "pixels", "--out", str(out), "--resolution", "8"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and str(out) in err and "Traceback" not in err
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_full_disk_is_a_clear_error_and_the_rerun_resumes_to_the_same_cache(fake, tmp_path, monkeypatch):
+    import errno
+    root, _ = fake
+    straight = run(root, tmp_path / "straight")
+    real_save = latent_cache._save_npy
+    calls = []
+
+    def disk_fills_in_the_third_shard(path, array):
+        calls.append(path)
+        if len(calls) == 9:  # shards hold 4 arrays: the first of shard 2
+            path.write_bytes(b"\x93NUMPY half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(path, array)
+
+    monkeypatch.setattr(latent_cache, "_save_npy", disk_fills_in_the_third_shard)
+    with pytest.raises(UserError, match=r"^the disk is full: writing the latent cache in .*full failed \(No space "
+                                        r"left on device\)\. 2 of its 4 shards are finished.*run the same command"):
+        run(root, tmp_path / "full")
+    assert not list((tmp_path / "full").glob(".tmp-*")) and not (tmp_path / "full" / latent_cache.MANIFEST).exists()
+    assert latent_cache.finished_shards(tmp_path / "full") == {0, 1}
+    monkeypatch.setattr(latent_cache, "_save_npy", real_save)
+    resumed = run(root, tmp_path / "full")
+    for key in ("count", "shards", "skipped", "latent_channel_mean"):
+        assert resumed[key] == straight[key]
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/full"), reason="needs Linux's /dev/full")
+def test_cache_arrays_report_a_full_disk_as_enospc():
+    # numpy's own writer says "N requested and M written" with no errno, which no caller can recognise.
+    import errno
+    from pathlib import Path
+    with pytest.raises(OSError) as caught:
+        latent_cache._save_npy(Path("/dev/full"), np.zeros((64, 2, 8, 8, 4), np.float32))
+    assert caught.value.errno == errno.ENOSPC
+
+
+def test_the_reader_refuses_an_empty_or_incomplete_cache(fake, tmp_path):
+    root, _ = fake
+    run(root, tmp_path / "cache")
+    manifest = json.loads((tmp_path / "cache" / latent_cache.MANIFEST).read_text())
+    (tmp_path / "cache" / "shard-00001" / "mean.npy").unlink()
+    with pytest.raises(UserError, match=r"incomplete: 1 of the files its manifest lists are missing "
+                                        r"\(shard-00001/mean.npy\)"):
+        LatentCache(tmp_path / "cache")
+    # What an older extract wrote for a folder of bad files: a manifest of nothing.
+    latent_cache.write_json_atomic(tmp_path / "cache" / latent_cache.MANIFEST,
+                                   {**manifest, "count": 0, "shards": [], "skipped": manifest["skipped"]})
+    with pytest.raises(UserError, match="holds no images .2 source files were skipped"):
+        LatentCache(tmp_path / "cache")

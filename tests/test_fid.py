@@ -4,13 +4,15 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from dit.config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
 from dit.data.extract import extract
 from dit.autoencoder import PixelAutoencoder, decoder_for
 from dit.data.pipeline import CacheBatches
 from dit.eval.evaluator import FrechetEvaluator
-from dit.eval.fid import main
+from dit.errors import UserError
+from dit.eval.fid import evaluate_images, main
 from dit.eval.reference import load_reference
 from dit.eval.ref_stats import reference_statistics
 from dit.eval.inception import load_inception
@@ -67,7 +69,7 @@ def test_fid_of_the_reference_images_themselves_is_zero(setup, tmp_path, capsys)
     assert "already exists" in capsys.readouterr().err
 
 
-def test_fid_during_training_then_from_the_run_directory(setup, tmp_path):
+def test_fid_during_training_then_from_the_run_directory(setup, tmp_path, capsys):
     root, inception = setup
     run = RunConfig(
         model=ModelConfig(input_size=RES, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=3),
@@ -82,7 +84,8 @@ def test_fid_during_training_then_from_the_run_directory(setup, tmp_path):
                                  sample_dir=tmp_path / "run" / "samples")
     summary = train(run, tmp_path / "run", CacheBatches(root / "cache", 8, seed=0), make_objective(run),
                     progress=False, evaluate=evaluator)
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    from dit.rundir import read_metrics
+    records = read_metrics(tmp_path / "run")
     evals = [r for r in records if "fid" in r]
     assert [r["step"] for r in evals] == [3, 4] and [r["step"] for r in records] == [1, 2, 3, 4]
     for r in evals:
@@ -101,6 +104,18 @@ def test_fid_during_training_then_from_the_run_directory(setup, tmp_path):
                 "inception_sha256", "inception_score", "sample_s", "decode_s", "features_s"):
         assert key in result, key
     assert result["step"] == 4 and result["num_samples"] == 8 and result["sampler"] == "ddpm"
+
+    # A damaged newest checkpoint: --run evaluates the newest intact one and says so; --step of it is refused.
+    (tmp_path / "run" / "checkpoints" / "4" / "state" / "_METADATA").write_text("")
+    args = ["--ref", str(root / "ref.npz"), "--inception", str(root / "inception.safetensors"), "--num-samples", "8",
+            "--batch", "8"]
+    capsys.readouterr()
+    assert main(["--run", str(tmp_path / "run"), *args, "--out", str(tmp_path / "fid2.json")]) == 0
+    assert json.loads((tmp_path / "fid2.json").read_text())["step"] == 3  # saved before its evaluation
+    assert "checkpoint step 4 is damaged (state/_METADATA differs" in capsys.readouterr().err
+    assert main(["--run", str(tmp_path / "run"), *args, "--step", "4"]) == 2
+    assert "the checkpoint at step 4" in capsys.readouterr().err
+    assert (tmp_path / "run" / "checkpoints" / "4").is_dir()  # evaluation never moves or deletes checkpoints
 
 
 def test_the_runner_trains_on_images_encoded_on_the_fly_and_records_fid(setup, tmp_path):
@@ -126,3 +141,60 @@ def test_the_runner_trains_on_images_encoded_on_the_fly_and_records_fid(setup, t
     rows = list(csv.DictReader(open(tmp_path / "lb.csv")))
     assert [(r["step"], r["metric"], r["dataset"], r["resolution"]) for r in rows] == [("4", "fid", "images", "8")]
     assert float(rows[0]["value"]) > 0
+
+
+@pytest.fixture(scope="module")
+def weights_and_reference(tmp_path_factory):
+    """Inception weights and a reference of the right shape, without the module's slower setup."""
+    root = tmp_path_factory.mktemp("fid_errors")
+    np.savez(root / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048), count=100)
+    return write_random_inception(root / "inception.safetensors"), root / "ref.npz"
+
+
+def fid_error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    return err
+
+
+@pytest.mark.parametrize("count", [0, 1])
+def test_fewer_than_two_samples_is_a_clear_error(weights_and_reference, tmp_path, capsys, count):
+    weights, ref = weights_and_reference
+    np.savez(tmp_path / "few.npz", arr_0=np.zeros((count, 8, 8, 3), np.uint8))
+    err = fid_error(capsys, ["--samples", str(tmp_path / "few.npz"), "--ref", str(ref), "--inception", str(weights)])
+    assert f"few.npz: {count} sample image" in err and "FID needs at least 2" in err
+    (tmp_path / "one").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "one" / "0.png")
+    err = fid_error(capsys, ["--images", str(tmp_path / "one"), "--ref", str(ref), "--inception", str(weights)])
+    assert "one: 1 sample image," in err
+
+
+def test_fewer_than_two_samples_after_the_gather_is_a_clear_error(weights_and_reference):
+    # The --run path: each process holds a share, and only the gathered count says whether there are two.
+    class NoNetwork:
+        def features_and_logits(self, images, batch_size):
+            return np.zeros((len(images), 2048), np.float32), np.zeros((len(images), 1008), np.float32)
+
+    reference = load_reference(weights_and_reference[1])
+    with pytest.raises(UserError, match="the samples to evaluate: 1 sample image, but FID needs at least 2"):
+        evaluate_images(np.zeros((1, 8, 8, 3), np.uint8), NoNetwork(), reference, gather=lambda a: a)
+
+
+def test_a_reference_of_the_wrong_shape_is_a_clear_error(weights_and_reference, tmp_path, capsys):
+    weights, _ = weights_and_reference
+    np.savez(tmp_path / "ref10.npz", mu=np.zeros(10), sigma=np.eye(10))  # another network's features
+    np.savez(tmp_path / "samples.npz", arr_0=np.zeros((4, 8, 8, 3), np.uint8))
+    err = fid_error(capsys, ["--samples", str(tmp_path / "samples.npz"), "--ref", str(tmp_path / "ref10.npz"),
+                             "--inception", str(weights)])
+    assert "mu has shape (10,)" in err and "(2048,)" in err and "dit.eval.ref_stats" in err
+
+
+def test_ref_stats_refuses_sizes_below_one(tmp_path, capsys):
+    from dit.eval.ref_stats import main as ref_stats_main
+    assert ref_stats_main(["--data", str(tmp_path), "--out", str(tmp_path / "r.npz"), "--resolution", "0",
+                           "--batch", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: --resolution 0 and --batch 0: sizes must be positive whole numbers, such as "
+                   "--resolution 256 --batch 250.\n")
+    assert not (tmp_path / "r.npz").exists()

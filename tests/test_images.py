@@ -219,3 +219,34 @@ def test_generic_class_folders_with_split(tmp_path):
     assert train.classes == val.classes == ("class_a", "class_b", "class_c")
     assert train.names == {"class_a": "the first class", "class_b": "class_b", "class_c": "class_c"}
     assert all(path.parent.parent.name == "val" for path, _ in val.files)
+
+
+def spy_on_jpeg_draft(monkeypatch) -> list:
+    """The sizes JPEGs are decoded at when load_image asks for a reduced decode."""
+    from PIL import JpegImagePlugin
+    decoded, draft = [], JpegImagePlugin.JpegImageFile.draft
+
+    def recording(self, mode, size):
+        result = draft(self, mode, size)
+        decoded.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", recording)
+    return decoded
+
+
+def test_a_large_jpeg_decodes_reduced_and_crops_like_the_full_decode(tmp_path, monkeypatch):
+    from tests.fake_imagenet import random_image
+    random_image(np.random.default_rng(0), (750, 500)).resize((6000, 4000)).save(tmp_path / "big.jpg", quality=90)
+    random_image(np.random.default_rng(1), (300, 200)).save(tmp_path / "small.jpg", quality=90)
+    decoded = spy_on_jpeg_draft(monkeypatch)
+    crop = load_image(tmp_path / "big.jpg", 64)
+    # 1/8 scale, 750x500: the short side is still >= 2 x 64, so center_crop's BOX halving comes next.
+    assert crop.shape == (64, 64, 3) and decoded == [(750, 500)]
+    with Image.open(tmp_path / "big.jpg") as image:
+        full = np.asarray(center_crop(image.convert("RGB"), 64)).astype(int)
+    assert np.abs(crop - full).mean() < 2
+    # Ordinary photos decode in full, so their crops are exactly ADM's.
+    with Image.open(tmp_path / "small.jpg") as image:
+        np.testing.assert_array_equal(load_image(tmp_path / "small.jpg", 64), center_crop(image.convert("RGB"), 64))
+    assert decoded == [(750, 500)]

@@ -182,3 +182,21 @@ def test_on_the_fly_images_are_cropped_flipped_encoded_and_resumable(tmp_path):
     for (xa, ya), (xs, ys) in zip(take(again, 2), straight[2:]):
         np.testing.assert_array_equal(xa, xs)
         np.testing.assert_array_equal(ya, ys)
+
+
+def test_the_on_the_fly_reader_decodes_a_large_jpeg_reduced_as_extraction_does(tmp_path, monkeypatch):
+    """A 13000x13000 photo was OOM-killed on the fly: both paths must share the reader that decodes it reduced."""
+    from dit.data.images import find_images, load_images
+    from dit.data.pipeline import _ReadImage
+    from tests.fake_imagenet import random_image
+    from tests.test_images import spy_on_jpeg_draft
+
+    (tmp_path / "images" / "big").mkdir(parents=True)
+    random_image(np.random.default_rng(0), (750, 750)).resize((6000, 6000)).save(
+        tmp_path / "images" / "big" / "0.jpg", quality=90)
+    image_set = find_images(tmp_path / "images")
+    decoded = spy_on_jpeg_draft(monkeypatch)
+    image, label = _ReadImage(image_set, 64, EpochOrder(1, 1, seed=0), flip=False)(0)
+    assert image.shape == (64, 64, 3) and label == 0 and decoded == [(750, 750)]
+    extracted, _, _ = load_images(image_set, [0], 64)
+    np.testing.assert_array_equal(image, extracted[0])

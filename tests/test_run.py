@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from dit.rundir import read_metrics
+
 RUN = Path(__file__).resolve().parents[1] / "ablations" / "run.py"
 
 
@@ -74,7 +76,11 @@ def test_smoke_run_end_to_end(home):
     config = json.loads((workdir / "config.json").read_text())
     assert config["variant"] == "rope_swiglu" and config["budget_params"] == 32_525_600
     assert config["run_id"] == "a" and config["dataset"] == "digits" and config["git_commit"]
-    metrics = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    # Each evaluation is a line of its own after the step's training line.
+    assert [(m["step"], "evaluated" in m) for m in lines] == [(1, False), (2, False), (2, True), (3, False),
+                                                              (4, False), (4, True)]
+    metrics = read_metrics(workdir)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4] and [m["step"] for m in metrics if "fd_digits" in m] == [2, 4]
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["final_step"] == 4 and len(summary["params_sha256"]) == 64
@@ -92,27 +98,53 @@ def test_smoke_run_end_to_end(home):
     assert again.returncode == 2 and "already exists" in again.stderr and "Traceback" not in again.stderr
     assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before
 
+    # --resume of the finished run: it says so and exits 0; nothing in it or in the leaderboard changes.
+    board = (home / "lb.csv").read_bytes()
+    done = run("--resume", "--workdir", "runs/a", "--leaderboard", "lb.csv", cwd=home)
+    assert done.returncode == 0 and "is complete (step 4, fd_digits" in done.stdout, done.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in workdir.rglob("*")} == before and (home / "lb.csv").read_bytes() == board
 
-def test_a_killed_run_resumes_and_records_each_evaluation_once(home):
+
+def kill_while_evaluating(args, home, workdir, step):
+    """Starts run.py and kills it (SIGKILL: no chance to save, as a crash or a lost machine) once the
+    training line of `step` is written and its evaluation line is not: during that evaluation."""
     import signal
     import time
-    args = ["--variant", "baseline", "--preset", "smoke", "--set", "train.steps=300", "--set", "train.ckpt_every=20",
-            "--set", "eval.every=100", "--workdir", "runs/k", "--leaderboard", "lb-k.csv", "--figures", "fig-k",
-            "--no-progress"]
     process = subprocess.Popen([sys.executable, str(RUN), *args], cwd=home, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    checkpoints = home / "runs" / "k" / "checkpoints"
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None and not (checkpoints / "120").is_dir():
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)  # no chance to save: as a crash or a lost machine
-    process.communicate()
-    assert not (home / "runs" / "k" / "summary.json").exists()
-    resumed = run(*args, "--resume", cwd=home)
+    deadline, killed = time.time() + 300, False
+    while time.time() < deadline and process.poll() is None:
+        lines = (workdir / "metrics.jsonl").read_text().splitlines() if (workdir / "metrics.jsonl").exists() else []
+        steps = [(entry["step"], "evaluated" in entry) for entry in map(json.loads, lines)]
+        if (step, False) in steps and (step, True) not in steps:
+            process.send_signal(signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.002)
+    out, err = process.communicate()
+    assert killed, f"run.py ended before its evaluation at step {step} could be cut off: {err[-2000:]}"
+
+
+def test_evaluations_killed_midway_are_redone_on_resume_and_a_finished_run_is_left_alone(home):
+    workdir = home / "runs" / "k"
+    # Evaluations long enough (64 samples, 50 sampling steps) for the kill to land inside one.
+    args = ["--variant", "baseline", "--preset", "smoke", "--set", "train.steps=200", "--set", "train.ckpt_every=30",
+            "--set", "eval.every=100", "--set", "eval.num_samples=64", "--set", "eval.sampling_steps=50",
+            "--workdir", "runs/k", "--leaderboard", "lb-k.csv", "--figures", "fig-k", "--no-progress"]
+    kill_while_evaluating(args, home, workdir, 100)
+    assert not (home / "lb-k.csv").exists() and not (workdir / "summary.json").exists()
+    # The resume needs only the run directory; it is killed again during the last evaluation.
+    resume = ["--resume", "--workdir", "runs/k", "--leaderboard", "lb-k.csv", "--figures", "fig-k", "--no-progress"]
+    kill_while_evaluating(resume, home, workdir, 200)
+    assert not (workdir / "summary.json").exists()
+    resumed = run(*resume, cwd=home)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = leaderboard(home / "lb-k.csv")
-    assert [int(r["step"]) for r in rows] == [100, 200, 300]
-    assert json.loads((home / "runs" / "k" / "summary.json").read_text())["final_step"] == 300
+    assert [int(r["step"]) for r in rows] == [100, 200]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["final_step"] == 200 and summary["last_metrics"]["fd_digits"] == pytest.approx(float(rows[-1]["value"]))
+    assert sorted(p.name for p in (workdir / "samples").iterdir()) == ["step_0000100.png", "step_0000200.png"]
+    assert "done: step 200, fd_digits" in resumed.stdout
 
 
 @pytest.mark.parametrize("args, message", [
@@ -139,3 +171,40 @@ def test_a_step_that_does_not_fit_the_device_is_refused_before_the_run_starts(ho
     assert "does not fit" in out.stderr and "train.grad_accum" in out.stderr and "model.remat" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (home / "runs" / "nofit").exists() and not (home / "lb-nofit.csv").exists()
+
+
+def test_unwritable_places_are_refused_before_the_run_starts(home):
+    (home / "a-file").write_text("")
+    for args, message in ((["--workdir", "a-file/run"], "cannot write the run directory a-file/run"),
+                          (["--workdir", "runs/w", "--leaderboard", "/proc/dit/lb.csv"], "cannot write the leaderboard")):
+        out = run("--variant", "baseline", "--preset", "smoke", *args, cwd=home)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert not (home / "runs" / "w").exists()
+
+
+def test_a_disk_without_room_for_the_checkpoints_is_refused(home, monkeypatch, capsys):
+    import shutil
+    from ablations.run import main
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
+    assert main(["--variant", "baseline", "--preset", "smoke", "--workdir", str(home / "runs" / "full")]) == 2
+    err = capsys.readouterr().err
+    assert "has 0.00 GB free" in err
+    assert "train.keep_checkpoints" in err and not (home / "runs" / "full").exists()
+
+
+def test_a_resume_keeps_the_run_settings_except_the_recovery_ones(tmp_path):
+    import argparse
+    from ablations.run import resumed_config
+    from dit.config import RunConfig, to_dict
+    from dit.errors import UserError
+    (tmp_path / "config.json").write_text(json.dumps({**to_dict(RunConfig(variant="rope", preset="smoke")),
+                                                      "budget_params": 32_000_000, "gflops": 6.0}))
+    args = lambda *sets, variant=None: argparse.Namespace(variant=variant, preset=None, overrides=list(sets))
+    config, cost, changes = resumed_config(tmp_path, args())
+    assert config.variant == "rope" and config.preset == "smoke" and changes == {} and cost.params == 32_000_000
+    _, _, changes = resumed_config(tmp_path, args("train.lr=5e-5", "train.grad_clip=1.0"))
+    assert changes == {"train.lr": [1e-4, 5e-5], "train.grad_clip": [0.0, 1.0]}
+    with pytest.raises(UserError, match="model.depth: 12 in the run, 13 now"):
+        resumed_config(tmp_path, args("model.depth=13"))
+    with pytest.raises(UserError, match="a run of variant 'rope', not 'baseline'"):
+        resumed_config(tmp_path, args(variant="baseline"))

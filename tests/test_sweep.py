@@ -15,7 +15,9 @@ def sweep(*args, cwd):
 def test_print_lists_one_command_per_run_skipping_complete_and_resuming_cut_off_ones(tmp_path):
     (tmp_path / "runs" / "rope-smoke-seed0").mkdir(parents=True)
     (tmp_path / "runs" / "rope-smoke-seed0" / "summary.json").write_text("{}")
-    (tmp_path / "runs" / "baseline-smoke-seed1" / "checkpoints").mkdir(parents=True)
+    # Cut off before its first checkpoint (config.json, no checkpoints yet): resumed, not started afresh.
+    (tmp_path / "runs" / "baseline-smoke-seed1").mkdir(parents=True)
+    (tmp_path / "runs" / "baseline-smoke-seed1" / "config.json").write_text("{}")
     out = sweep("--variants", "baseline,rope", "--seeds", "0,1", "--preset", "smoke", "--set", "train.steps=8",
                 "--print", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
@@ -27,7 +29,7 @@ def test_print_lists_one_command_per_run_skipping_complete_and_resuming_cut_off_
     assert "--resume" in by_dir["runs/baseline-smoke-seed1"] and "--resume" not in by_dir["runs/baseline-smoke-seed0"]
     assert "train.seed=1" in by_dir["runs/rope-smoke-seed1"] and "train.seed=0" in by_dir["runs/baseline-smoke-seed0"]
     assert all("train.steps=8" in command for command in by_dir.values())
-    assert not list((tmp_path / "runs").glob("*/config.json"))  # printing runs nothing
+    assert len(list((tmp_path / "runs").glob("*/config.json"))) == 1  # printing runs nothing
 
 
 def test_bad_names_and_over_budget_variants_fail_before_any_run(tmp_path):

@@ -10,6 +10,7 @@ from flax import nnx
 
 from ablations.presets import smoke
 from dit.config import RunConfig
+from dit.errors import UserError
 from dit.layers import ConvStem, SwiGluMlp
 from dit.model import DiT
 from tests.helpers import batch
@@ -71,6 +72,13 @@ def test_features_that_disagree_fail(monkeypatch):
     assert resolve("shared_adaln_depth3").depth == 3
     with pytest.raises(Exception, match="disagree on model.depth"):
         resolve("deep17_depth3")
+
+
+@pytest.mark.parametrize("name, feature", [("rope_rope", "rope"), ("swiglu_rope_swiglu", "swiglu"),
+                                           ("lightning_rope", "rope")])
+def test_a_feature_named_twice_fails(name, feature):
+    with pytest.raises(UserError, match=f"variant '{name}' names the feature '{feature}' twice"):
+        resolve(name)
 
 
 def test_command_line_lists_every_variant_as_json():

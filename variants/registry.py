@@ -67,9 +67,15 @@ def split_features(name: str) -> list[str]:
 
 
 def resolve(name: str) -> ModelConfig:
-    """The DiT-S/2 config of a variant name, its features applied in order; conflicting features fail."""
+    """The DiT-S/2 config of a variant name, its features applied in order; repeated or conflicting ones fail."""
+    features = split_features(name)
+    repeated = [f for i, f in enumerate(features) if f in features[:i]]
+    if repeated:
+        expanded = "_".join(features)
+        through = f" (it expands to {expanded})" if expanded != name else ""
+        raise UserError(f"variant {name!r} names the feature {repeated[0]!r} twice{through}; name each feature once.")
     fields: dict = {}
-    for feature in split_features(name):
+    for feature in features:
         for key, value in FEATURES[feature].items():
             if key in fields and fields[key] != value:
                 raise UserError(f"variant {name!r}: features disagree on model.{key} ({fields[key]!r} vs {value!r}).")

@@ -22,8 +22,10 @@ import json
 import os
 import shutil
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -44,8 +46,12 @@ def shard_ranges(num_files: int, shard_size: int) -> list[tuple[int, int]]:
 
 def write_json_atomic(path: Path, content: dict) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(content, indent=2))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(content, indent=2))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not also keep the half-written copy
+        raise
 
 
 @dataclass
@@ -70,9 +76,13 @@ def write_shard(directory: Path, k: int, shard: Shard) -> None:
     final = directory / shard_name(k)
     tmp = directory / f".tmp-{shard_name(k)}-{uuid.uuid4().hex}"
     tmp.mkdir()
-    for name in ("mean", "std", "label", "index"):
-        np.save(tmp / f"{name}.npy", getattr(shard, name))
-    (tmp / "stats.json").write_text(json.dumps(shard.stats()))
+    try:
+        for name in ("mean", "std", "label", "index"):
+            _save_npy(tmp / f"{name}.npy", getattr(shard, name))
+        (tmp / "stats.json").write_text(json.dumps(shard.stats()))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # on a full disk, free what the half-written shard took
+        raise
     try:
         os.rename(tmp, final)
     except OSError:
@@ -80,6 +90,13 @@ def write_shard(directory: Path, k: int, shard: Shard) -> None:
         if not final.is_dir():
             raise
         # Another process finished the same shard first; its copy is identical, keep it.
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save through Python's writes: numpy's own C writer reports a full disk as "N requested and M
+    written" with no errno, and callers need OSError ENOSPC to say what happened."""
+    with open(path, "wb") as file:
+        np.lib.format.write_array(SimpleNamespace(write=file.write), array, allow_pickle=False)
 
 
 def remove_partial_shards(directory: Path, owned: set[int]) -> None:
@@ -108,6 +125,14 @@ def build_manifest(directory: Path, settings: dict, classes: list[str], names: d
         channel_sum += stats["sum"]
         channel_sum_sq += stats["sum_sq"]
         skipped += stats["skipped"]
+    if not total:  # never marked complete: training on it would fail far from the cause
+        reasons = Counter(item["reason"].split(" (")[0] for item in skipped)
+        raise UserError(
+            f"none of the {len(skipped)} image files could be read ("
+            + ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+            + (f"; e.g. {skipped[0]['path']}: {skipped[0]['reason']}" if skipped else "")
+            + f"), so no cache was made: {directory} has no {MANIFEST} and training refuses it. Fix or replace "
+            f"the files (or point at the right folder), delete {directory} and extract again.")
     channel_mean = channel_sum / max(values, 1)
     channel_std = np.sqrt(np.maximum(channel_sum_sq / max(values, 1) - channel_mean**2, 0.0))
     manifest = {
@@ -154,10 +179,22 @@ class LatentCache:
         self.latent_shape = tuple(self.manifest["latent_shape"])
         self.num_classes = len(self.manifest["classes"])
         self._shards: list[dict] | None = None  # opened lazily: each worker process maps its own
+        if not self.manifest["count"]:  # otherwise training fails later, far from the cause
+            raise UserError(
+                f"the latent cache {self.directory} holds no images ({len(self.manifest.get('skipped', []))} "
+                f"source files were skipped as unreadable, listed under \"skipped\" in {manifest_path}): nothing "
+                f"to train on. Extract a folder of readable images into a new directory.")
+        missing = [f"{s['name']}/{name}.npy" for s in self.manifest["shards"] for name in ("mean", "std", "label")
+                   if not (self.directory / s["name"] / f"{name}.npy").is_file()]
+        if missing:
+            raise UserError(
+                f"the latent cache {self.directory} is incomplete: {len(missing)} of the files its manifest lists "
+                f"are missing ({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}). Copy the whole "
+                f"cache directory again, or extract it again into a new directory.")
         counts = [s["count"] for s in self.manifest["shards"]]
         self._starts = np.concatenate([[0], np.cumsum(counts)])
         self.labels = np.concatenate([np.load(self.directory / s["name"] / "label.npy")
-                                      for s in self.manifest["shards"]]) if counts else np.zeros(0, np.int32)
+                                      for s in self.manifest["shards"]])
 
     def __len__(self) -> int:
         return int(self.manifest["count"])

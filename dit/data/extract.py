@@ -9,11 +9,13 @@ shards k with k % P == p, and the process that finds every shard present writes 
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from tqdm.auto import tqdm
 from dit.autoencoder import Autoencoder, PixelAutoencoder, as_function
 from dit.data import cache as latent_cache
 from dit.data.images import ImageSet, find_images, load_images
-from dit.errors import UserError, report
+from dit.errors import UserError, check_sizes, report
 from dit.mesh import BATCH_AXIS, data_mesh
 
 # What the real ImageNet-100 holds; printed next to what was found, so a partial copy shows at once.
@@ -72,6 +74,7 @@ def extract(data: str | Path, autoencoder: Autoencoder, out: str | Path, *, reso
     """Builds (or completes) the cache in `out`; returns its manifest, or None while other processes'
     shards are still missing. `name` is the dataset's name in results (default: imagenet100 for the
     Kaggle layout, else the root folder's name)."""
+    check_sizes({"--resolution": (resolution, 256), "--batch": (batch_size, 64), "--shard-size": (shard_size, 1024)})
     image_set = find_images(data, split)
     out = Path(out)
     expected = IMAGENET100_COUNTS.get(split) if image_set.layout == "imagenet100" else None
@@ -89,9 +92,10 @@ def extract(data: str | Path, autoencoder: Autoencoder, out: str | Path, *, reso
         "scale_factor": float(scale_factor if scale_factor is not None else _scale_factor(autoencoder)),
         "dtype": dtype, "shard_size": shard_size, "num_files": len(image_set), "files_sha256": _files_digest(image_set),
     }
-    _check_settings(out, settings)
-
     ranges = latent_cache.shard_ranges(len(image_set), shard_size)
+    with _disk_full_is_a_user_error(out, len(ranges)):
+        _check_settings(out, settings)
+
     owned = {k for k in range(len(ranges)) if k % jax.process_count() == jax.process_index()}
     latent_cache.remove_partial_shards(out, owned)
     todo = sorted(owned - latent_cache.finished_shards(out))
@@ -102,7 +106,7 @@ def extract(data: str | Path, autoencoder: Autoencoder, out: str | Path, *, reso
     bar = tqdm(total=images_todo, disable=not progress, desc="encode", unit="img")
     start, done = time.perf_counter(), 0
     latent_shape = None
-    with ThreadPoolExecutor(1) as reader:  # reads the next batch from disk while this one encodes
+    with ThreadPoolExecutor(1) as reader, bar:  # reads the next batch from disk while this one encodes
         for k in todo:
             batches = [np.arange(s, min(s + batch_size, ranges[k][1])) for s in range(*ranges[k], batch_size)]
             pending = reader.submit(load_images, image_set, batches[0], resolution)
@@ -127,9 +131,9 @@ def extract(data: str | Path, autoencoder: Autoencoder, out: str | Path, *, reso
                 latent_shape = latent_shape or _latent_shape(encode, resolution, devices)
                 means = stds = [np.zeros((0, 2, *latent_shape), dtype)]
                 labels, indices = [np.zeros(0, np.int32)], [np.zeros(0, np.int64)]
-            latent_cache.write_shard(out, k, latent_cache.Shard(
-                np.concatenate(means), np.concatenate(stds), np.concatenate(labels), np.concatenate(indices), skipped))
-    bar.close()
+            with _disk_full_is_a_user_error(out, len(ranges)):
+                latent_cache.write_shard(out, k, latent_cache.Shard(
+                    np.concatenate(means), np.concatenate(stds), np.concatenate(labels), np.concatenate(indices), skipped))
     elapsed = time.perf_counter() - start
     if done:
         print(f"encoded {done:,} images (x2 with flips) in {elapsed:.1f} s: {done / elapsed:.1f} img/s")
@@ -137,16 +141,34 @@ def extract(data: str | Path, autoencoder: Autoencoder, out: str | Path, *, reso
     if len(latent_cache.finished_shards(out)) < len(ranges):
         print(f"this process's shards are done; {out / latent_cache.MANIFEST} is written by the last process to finish")
         return None
-    manifest = latent_cache.build_manifest(
-        out, {**settings, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
-        list(image_set.classes), dict(image_set.names),
-        tuple(latent_shape or _latent_shape(encode, resolution, devices)), len(ranges))
+    with _disk_full_is_a_user_error(out, len(ranges)):
+        manifest = latent_cache.build_manifest(
+            out, {**settings, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+            list(image_set.classes), dict(image_set.names),
+            tuple(latent_shape or _latent_shape(encode, resolution, devices)), len(ranges))
     if manifest["skipped"]:
         print(f"skipped {len(manifest['skipped'])} files that could not be read (listed in manifest.json):")
         for item in manifest["skipped"]:
             print(f"  {item['path']}: {item['reason']}")
     print(f"cache complete: {manifest['count']:,} images x 2 flips in {out}")
     return manifest
+
+
+@contextmanager
+def _disk_full_is_a_user_error(out: Path, num_shards: int):
+    """A full disk while writing. Shards and manifest are renamed into place whole and a failed write removes
+    its temporary copy, so what is on disk stays consistent and rerunning resumes."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        done = len(latent_cache.finished_shards(out)) if out.is_dir() else 0
+        raise UserError(
+            f"the disk is full: writing the latent cache in {out} failed ({error.strerror}). {done} of its "
+            f"{num_shards} shards are finished and kept; nothing half-written is left, and the cache is not "
+            f"marked complete. Free space on the disk that holds {out}, then run the same command again: it "
+            f"resumes from the finished shards.") from None
 
 
 def _scale_factor(autoencoder: Autoencoder) -> float:
@@ -174,9 +196,15 @@ def _check_settings(out: Path, settings: dict) -> None:
                 f"same settings, or choose a new --out directory; nothing was changed."
             )
         return
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; the cache is a directory of shards. Choose a new directory path.")
     if out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".")):
         raise UserError(f"--out {out} exists and is not a latent cache; choose a new or empty directory.")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError, PermissionError) as error:
+        raise UserError(f"cannot create the --out directory {out} ({error.strerror}); choose a path that is "
+                        f"not under a file, in a folder you can write.") from None
     latent_cache.write_json_atomic(path, settings)
 
 
@@ -208,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--process-id", type=int)
     args = parser.parse_args(argv)
     try:
+        check_sizes({"--resolution": (args.resolution, 256), "--batch": (args.batch, 64),
+                     "--shard-size": (args.shard_size, 1024)})
         from dit.distributed import initialize
         initialize(args.coordinator, args.num_processes, args.process_id)
         autoencoder = load_autoencoder(args.vae, args.vae_dtype)

@@ -22,6 +22,9 @@ IMAGE_EXTENSIONS = frozenset({".jpeg", ".jpg", ".png", ".bmp", ".webp"})
 KAGGLE_TRAIN = ("train.X1", "train.X2", "train.X3", "train.X4")
 KAGGLE_VAL = "val.X"
 LABELS_FILE = "Labels.json"
+# Up to this many pixels an image is decoded in full, so its crop is exactly ADM's (as the reference
+# statistics are); larger JPEGs decode reduced, or a 13000x13000 photo takes 0.5 GB per decoding thread.
+FULL_DECODE_PIXELS = 2**24
 SPLITS = ("train", "val")
 EXPECTED = (
     "either the Kaggle ImageNet-100 layout (train.X1, train.X2, train.X3, train.X4 and val.X, each holding "
@@ -203,6 +206,10 @@ def load_image(path: Path, resolution: int) -> np.ndarray:
     try:
         # PIL opens by content, so a PNG named .JPEG is read as the PNG it is.
         with Image.open(path) as image:
+            if image.width * image.height > FULL_DECODE_PIXELS:
+                # libjpeg's 1/2, 1/4 or 1/8 scale, keeping the short side >= 2 x resolution so that
+                # center_crop's BOX halving and BICUBIC step still follow; other formats ignore it.
+                image.draft(None, (2 * resolution, 2 * resolution))
             image.load()  # decode everything now: a truncated JPEG fails here, not inside a later resize
             image = _to_rgb(image)
     except UnidentifiedImageError:

@@ -23,7 +23,9 @@ import numpy as np
 from flax import nnx
 
 from dit.errors import UserError, report
+from dit.eval.inception import FEATURES
 from dit.eval.metrics import frechet_distance, inception_score, precision_recall, statistics
+from dit.rundir import read_json
 
 if TYPE_CHECKING:
     from dit.sample import Samples
@@ -37,10 +39,12 @@ def evaluate_images(images: np.ndarray, inception, reference, batch_size: int = 
                     gather: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
     """FID, Inception Score and precision/recall of uint8 images against a Reference. With `gather`
     (`Samples.gather`), `images` are this process's share and the features of all shares are gathered."""
+    reference.check(FEATURES)
     started = time.perf_counter()
     features, logits = inception.features_and_logits(images, batch_size=batch_size)
     if gather is not None:
         features, logits = gather(features), gather(logits)
+    _check_count(len(features), "the samples to evaluate")  # all processes' together
     features_s = time.perf_counter() - started
     mu, sigma = statistics(features)
     result = {"fid": frechet_distance(mu, sigma, reference.mu, reference.sigma), "num_samples": len(images)}
@@ -58,18 +62,34 @@ def read_npz(path: Path) -> np.ndarray:
         raise UserError(f"{path} is not a sample batch .npz with arr_0 ({error}).") from None
     if images.dtype != np.uint8 or images.ndim != 4:
         raise UserError(f"{path}: arr_0 must be uint8 NHWC images, got {images.dtype} {images.shape}.")
+    _check_count(len(images), str(path))
     return images
 
 
 def read_folder(folder: Path) -> np.ndarray:
     from PIL import Image
+    if not folder.is_dir():
+        raise UserError(f"--images {folder} is not a folder; give the folder that holds the sample images.")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}.")
-    images = [np.asarray(Image.open(p).convert("RGB")) for p in files]
+    _check_count(len(files), str(folder))
+    images = []
+    for p in files:
+        try:
+            with Image.open(p) as image:
+                images.append(np.asarray(image.convert("RGB")))
+        except Exception as error:  # PIL raises OSError, SyntaxError, ValueError ... for broken files
+            raise UserError(f"{p} is not a readable image ({error}); remove or replace it.") from None
     if len({im.shape for im in images}) > 1:
         raise UserError(f"the images in {folder} differ in size; FID needs samples of one size.")
     return np.stack(images)
+
+
+def _check_count(n: int, source: str) -> None:
+    if n < 2:  # a covariance needs 2 samples
+        raise UserError(f"{source}: {n} sample image{'' if n == 1 else 's'}, but FID needs at least 2, and a "
+                        f"meaningful FID thousands (10,000 for FID-10K, 50,000 for FID-50K).")
 
 
 def sample_run(run_dir: Path, step: int | None, overrides: list[str], num_samples: int | None, seed: int | None,
@@ -87,21 +107,31 @@ def sample_run(run_dir: Path, step: int | None, overrides: list[str], num_sample
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.json); give the directory ablations/run.py made.")
-    run = apply_overrides(from_dict(json.loads(config_path.read_text())), overrides)
+    run = apply_overrides(from_dict(read_json(config_path)), overrides)
     checkpoints = Checkpoints(run_dir / "checkpoints", run.train)
     steps = checkpoints.manager.all_steps()
     if not steps:
         raise UserError(f"{run_dir} holds no finished checkpoint to evaluate.")
-    step = max(steps) if step is None else step
-    if step not in steps:
+    if step is not None and step not in steps:
         raise UserError(f"{run_dir} has no checkpoint at step {step}; it has {', '.join(map(str, sorted(steps)))}.")
     optimizer, _ = create_optimizer(run.train)
     abstract = jax.eval_shape(lambda: init_state(run.model, run.train, optimizer)[1])  # shapes only
     graphdef = nnx.split(nnx.eval_shape(lambda: DiT(run.model, rngs=nnx.Rngs(0))))[0]
     sharding = replicated(data_mesh())
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
-    state, _ = checkpoints.restore(step, abstract)
+    # The training resume's restore: checked against the seal, newer damaged checkpoints skipped (left in place).
+    found, state, _, skipped = checkpoints.restore_newest_intact(abstract, newest=step)
     checkpoints.close()
+    if found is None:
+        raise UserError(f"no intact checkpoint of {run_dir} to evaluate: " +
+                        "; ".join(f"step {s}: {problem}" for s, problem in skipped) + ".")
+    if step is not None and found != step:
+        raise UserError(f"the checkpoint at step {step} of {run_dir} is damaged ({skipped[0][1]}); evaluate another "
+                        f"--step (the newest intact one before it is {found}).")
+    for bad, problem in skipped:
+        print(f"warning: checkpoint step {bad} is damaged ({problem}); evaluating step {found} instead",
+              file=sys.stderr)
+    step = found
     timings: dict = {}
     seed = run.train.seed if seed is None else seed
     samples = generate_shares(graphdef, state["ema"], run.model, run.train, run.eval, seed=seed,
@@ -148,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{args.out} already exists; choose another --out (results are never overwritten).")
         inception = load_inception(args.inception)
         reference = load_reference(args.ref, inception)
+        reference.check(FEATURES)  # now, not after sampling, which can take an hour
         settings: dict = {}
         gather = None
         if args.run is not None:

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dit.data.images import find_images, load_images
-from dit.errors import UserError, report
+from dit.errors import UserError, check_sizes, report
 from dit.eval.metrics import MomentAccumulator
 
 KEPT_FEATURES = 10_000
@@ -31,6 +31,7 @@ def reference_statistics(data: str | Path, inception, out: str | Path, *, resolu
                          split: str = "train", batch_size: int = 250, keep: int = KEPT_FEATURES,
                          progress: bool = True) -> dict:
     """Writes the statistics to `out` (a new file, written atomically) and returns their description."""
+    check_sizes({"--resolution": (resolution, 256), "--batch": (batch_size, 250)})
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists; reference statistics are never overwritten. Choose another --out.")
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=250)
     args = parser.parse_args(argv)
     try:
+        check_sizes({"--resolution": (args.resolution, 256), "--batch": (args.batch, 250)})
         from dit.eval.inception import load_inception
         reference_statistics(args.data, load_inception(args.inception), args.out, resolution=args.resolution,
                              split=args.split, batch_size=args.batch)
