@@ -105,16 +105,15 @@ def test_fid_during_training_then_from_the_run_directory(setup, tmp_path, capsys
         assert key in result, key
     assert result["step"] == 4 and result["num_samples"] == 8 and result["sampler"] == "ddpm"
 
-    # A damaged newest checkpoint: --run evaluates the newest intact one and says so; --step of it is refused.
+    # A damaged newest checkpoint: --run samples from the newest intact one and says so; --step of it is refused.
+    from dit.eval.fid import sample_run
     (tmp_path / "run" / "checkpoints" / "4" / "state" / "_METADATA").write_text("")
-    args = ["--ref", str(root / "ref.npz"), "--inception", str(root / "inception.safetensors"), "--num-samples", "8",
-            "--batch", "8"]
     capsys.readouterr()
-    assert main(["--run", str(tmp_path / "run"), *args, "--out", str(tmp_path / "fid2.json")]) == 0
-    assert json.loads((tmp_path / "fid2.json").read_text())["step"] == 3  # saved before its evaluation
+    _, settings = sample_run(tmp_path / "run", None, [], num_samples=8, seed=None, progress=False)
+    assert settings["step"] == 3  # saved before its evaluation
     assert "checkpoint step 4 is damaged (state/_METADATA differs" in capsys.readouterr().err
-    assert main(["--run", str(tmp_path / "run"), *args, "--step", "4"]) == 2
-    assert "the checkpoint at step 4" in capsys.readouterr().err
+    with pytest.raises(UserError, match="the checkpoint at step 4 .* is damaged"):
+        sample_run(tmp_path / "run", 4, [], num_samples=8, seed=None, progress=False)
     assert (tmp_path / "run" / "checkpoints" / "4").is_dir()  # evaluation never moves or deletes checkpoints
 
 

@@ -297,8 +297,10 @@ def test_tensorboard_events_hold_the_logged_metrics(tmp_path):
     np.testing.assert_allclose([v for _, v in scalars["train/loss"]], [r["loss"] for r in records], rtol=1e-6)
 
 
-@pytest.mark.parametrize("objective", ["ddpm", "flow"])
-def test_gradient_accumulation_gives_the_update_of_the_full_batch(objective):
+def test_gradient_accumulation_gives_the_update_of_the_full_batch():
+    # One objective is enough: noise, time and dropout are drawn for the whole batch before it is split,
+    # whatever the objective.
+    objective = "ddpm"
     x, y = toy_data(8)
     results = {}
     for k in (1, 4):
@@ -346,7 +348,7 @@ def test_auto_accumulation_takes_the_fewest_microbatches_that_fit(monkeypatch):
     from dit.memory import CAPACITY_ENV, DoesNotFit
     from dit.train import compile_training
     run = run_config(grad_accum="auto")
-    run = dataclasses.replace(run, train=dataclasses.replace(run.train, batch_size=64))
+    run = dataclasses.replace(run, train=dataclasses.replace(run.train, batch_size=16))
     mesh = data_mesh(jax.devices()[:1])
     memory = {}
     for k in (1, 2, 4, 8):
@@ -359,5 +361,5 @@ def test_auto_accumulation_takes_the_fewest_microbatches_that_fit(monkeypatch):
     monkeypatch.setenv(CAPACITY_ENV, str(capacity / 1e9))
     assert compile_training(run, make_objective(run), mesh).grad_accum == 4
     monkeypatch.setenv(CAPACITY_ENV, str(memory[8] * 0.5 / 1e9))  # half of what 8 microbatches need: no k fits
-    with pytest.raises(DoesNotFit, match="does not fit.*grad_accum=1.*grad_accum=64"):
+    with pytest.raises(DoesNotFit, match="does not fit.*grad_accum=1.*grad_accum=16"):
         compile_training(run, make_objective(run), mesh)
