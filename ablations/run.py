@@ -22,7 +22,7 @@ from ablations.presets import PRESETS, prepare_data
 from dit.config import RunConfig, apply_overrides, from_dict, to_dict
 from dit.counting import count_params
 from dit.errors import UserError, report
-from dit.rundir import CONFIG, SUMMARY, holds_run, read_json, read_metrics, write_json
+from dit.rundir import CONFIG, SUMMARY, holds_run, read_json, read_metrics
 from variants import BUDGET, REGISTERED, check_budget, measure, resolve
 from variants.budget import VariantCost
 from variants.registry import ALIASES
@@ -146,32 +146,34 @@ def resumed_config(workdir: Path, args) -> tuple[RunConfig, VariantCost, dict]:
     return config, cost, changes
 
 
-def check_writable(path: Path, what: str) -> None:
-    """Refuses a path that cannot be written (read-only disk, no permission) before the run starts, by
-    creating and removing a file in it or in its nearest existing parent."""
-    import tempfile
+def existing_folder(path: Path) -> Path:
+    """The folder that holds `path` (or will, once made): itself or its nearest existing parent."""
     target = path if path.is_dir() else path.parent
     while not target.exists():
         target = target.parent
+    return target
+
+
+def check_writable(path: Path, what: str, flag: str) -> None:
+    """Refuses a path that cannot be written (read-only disk, no permission) before the run starts, by
+    creating and removing a file in it or in its nearest existing parent."""
+    import tempfile
+    target = existing_folder(path)
     try:
         if path.is_file():
             open(path, "a").close()
         tempfile.TemporaryFile(dir=target).close()
     except OSError as error:
         raise UserError(f"cannot write {what} {path} ({error.strerror}: {target}); choose a writable place (pass "
-                        f"another {'--workdir' if what == 'the run directory' else '--' + what.split()[-1]}) or "
-                        f"fix the permissions. Nothing was started.") from None
+                        f"another {flag}) or fix the permissions. Nothing was started.") from None
 
 
 def check_room(config: RunConfig, workdir: Path) -> None:
     """Refuses a run whose checkpoints cannot fit on the disk: keep_checkpoints + 1 (one being written) of
     the float32 state (parameters, EMA and Adam's two moments)."""
     import shutil
-    target = workdir
-    while not target.exists():
-        target = target.parent
     needed = 4 * 4 * count_params(config.model) * (config.train.keep_checkpoints + 1)
-    free = shutil.disk_usage(target).free
+    free = shutil.disk_usage(existing_folder(workdir)).free
     if free < needed:
         raise UserError(f"the disk holding {workdir} has {free / 1e9:.2f} GB free, and this run's checkpoints need "
                         f"about {needed / 1e9:.2f} GB ({config.train.keep_checkpoints} kept + 1 being written); free "
@@ -261,7 +263,9 @@ def write_figures(workdir: Path, leaderboard: Path, figures: Path) -> None:
         print(f"warning: the report figures could not be written ({error}); run `python analysis/report.py`.")
 
 
-def train_and_record(args, config: RunConfig, cost) -> int:
+def train_and_record(args, config: RunConfig, cost, changes: dict | None = None) -> int:
+    """Trains and records the run; `changes` are those of a resume whose config.json main already read
+    (--resume --workdir); a --resume that finds its run here reads it now."""
     import jax
 
     from dit.distributed import initialize
@@ -274,17 +278,18 @@ def train_and_record(args, config: RunConfig, cost) -> int:
     workdir = choose_workdir(args, config)
     leaderboard = Path(args.leaderboard) if args.leaderboard else REPO / "results" / "leaderboard.csv"
     figures = Path(args.figures) if args.figures else REPO / "results" / "figures"
-    changes = {}
-    if args.resume:
+    if args.resume and changes is None:
         config, cost, changes = resumed_config(workdir, args)
+    if args.resume:
         finished = read_json(workdir / SUMMARY)
         if finished is not None:
             return finished_run(config, workdir, finished, leaderboard, lead)
     elif holds_run(workdir):
         raise UserError(f"the run directory {workdir} already exists and is not empty; pass --resume to continue "
                         f"that run, or choose another --workdir. Nothing was changed.")
-    for path, what in ((workdir, "the run directory"), (leaderboard, "the leaderboard"), (figures, "the figures")):
-        check_writable(path, what)
+    for path, what, flag in ((workdir, "the run directory", "--workdir"), (leaderboard, "the leaderboard",
+                              "--leaderboard"), (figures, "the figures", "--figures")):
+        check_writable(path, what, flag)
     check_room(config, workdir)
     data = check_data(config, progress)
     evaluator = build_evaluator(config, data, workdir)  # loads weights and statistics: fails before the run starts
@@ -300,7 +305,7 @@ def train_and_record(args, config: RunConfig, cost) -> int:
               f"{count_params(config.model):,} parameters in this run's model")
     source = data.batches(config.data, config.train)
     summary = train(config, workdir, source, make_objective(config), resume=args.resume, record=record,
-                    progress=progress, evaluate=evaluator, resume_changes=changes)
+                    progress=progress, evaluate=evaluator, resume_changes=changes or {})
     if summary["preempted"]:
         if lead:
             print(f"stopped at step {summary['final_step']} on SIGTERM, checkpoint saved; continue with "
@@ -341,8 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.list:
             list_all()
             return 0
+        changes = None
         if args.resume and args.workdir:  # everything else is read from the run's config.json
-            config, cost, _ = resumed_config(Path(args.workdir), args)
+            config, cost, changes = resumed_config(Path(args.workdir), args)
         else:
             args.preset = args.preset or "in100"
             config, cost = resolve_run(args)
@@ -353,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             if config.preset != "in100":
                 print(f"this {config.preset} run's model: {count_params(config.model):,} trainable parameters")
             return 0
-        return train_and_record(args, config, cost)
+        return train_and_record(args, config, cost, changes)
     except UserError as error:
         return report(error)
 

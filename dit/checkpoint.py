@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from dit.config import TrainConfig
-from dit.files import sha256_of
+from dit.files import sha256_of, write_json_atomic
 from dit.mesh import to_host
 
 SEAL = "sha256.json"
@@ -88,9 +88,7 @@ class Checkpoints:
             if step in kept and folder.is_dir():
                 files = {str(p.relative_to(folder)): sha256_of(p) for p in sorted(folder.rglob("*"))
                          if p.is_file() and p.name != SEAL}
-                tmp = folder / f".{SEAL}.tmp"
-                tmp.write_text(json.dumps(files, indent=1))
-                tmp.replace(folder / SEAL)
+                write_json_atomic(folder / SEAL, files)
         self.unsealed = []
 
     def damage(self, step: int) -> str | None:

@@ -13,36 +13,13 @@ import errno
 import fcntl
 import json
 import os
-import uuid
 import warnings
 from pathlib import Path
 
 from dit.errors import UserError
+from dit.files import write_json_atomic
 
 CONFIG, METRICS, SUMMARY, LOCK = "config.json", "metrics.jsonl", "summary.json", ".lock"
-
-
-def write_json(path: Path, content: dict) -> None:
-    """Writes `content` to `path` atomically and durably (a temporary file, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(content, indent=2))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_json(path: Path) -> dict | None:
@@ -71,7 +48,7 @@ def record_resume_changes(workdir: Path, changes: dict, step: int) -> None:
         saved[section][name] = new
     saved.setdefault("resume_changes", []).append(
         {"from_step": step, "changes": {key: {"was": old, "now": new} for key, (old, new) in changes.items()}})
-    write_json(Path(workdir) / CONFIG, saved)
+    write_json_atomic(Path(workdir) / CONFIG, saved)
 
 
 def append_metrics(path: Path, record: dict) -> None:

@@ -9,7 +9,6 @@ in the checkpoint, it continues bit for bit.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import math
 import signal
@@ -33,8 +32,9 @@ from dit.memory import DoesNotFit, StepMemory
 from dit.mesh import BATCH_AXIS, batch_sharded, data_mesh, global_batch, local_batch_size, replicated, to_host
 from dit.model import DiT
 from dit.objectives import Objective
+from dit.files import is_disk_full, write_json_atomic
 from dit.rundir import (CONFIG, METRICS, SUMMARY, RunLock, append_metrics, holds_run, read_json, read_metrics,
-                        record_resume_changes, write_json)
+                        record_resume_changes)
 
 FP16_INITIAL_SCALE = 2.0**15
 FP16_GROWTH_INTERVAL = 2000  # finite steps before the loss scale doubles
@@ -418,15 +418,6 @@ def _pending_evaluation(run: RunConfig, workdir: Path, step: int, lead: bool) ->
     return pending
 
 
-def _is_disk_full(error: BaseException) -> bool:
-    """True for a full disk, also when a library wraps the OSError (orbax's async saves do)."""
-    while error is not None:
-        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
 def _agreed_resume_step(latest: int | None, workdir: Path) -> int:
     """The step every process resumes from; processes that found different latest steps (local
     checkpoint directories out of step) stop with an error instead of training apart."""
@@ -505,7 +496,7 @@ def train(run: RunConfig, workdir: Path, source: BatchSource, objective: Objecti
             return _train_locked(run, workdir, source, objective, resume, record, progress, evaluate, lead, mesh,
                                  state, compiled, resume_changes or {})
         except Exception as error:
-            if not _is_disk_full(error):
+            if not is_disk_full(error):
                 raise
             raise DiskFull(
                 f"the disk holding {workdir} is full ({error}). Every checkpoint that finished is intact; free some "
@@ -526,7 +517,7 @@ def _train_locked(run: RunConfig, workdir: Path, source: BatchSource, objective:
         params = sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))
         step_record = {"grad_accum": compiled.grad_accum, "memory_gb": compiled.memory.total / 1e9,
                        "capacity_gb": None if compiled.memory.capacity is None else compiled.memory.capacity / 1e9}
-        write_json(workdir / CONFIG, {**to_dict(run), "params": params, "compiled_step": step_record, **(record or {})})
+        write_json_atomic(workdir / CONFIG, {**to_dict(run), "params": params, "compiled_step": step_record, **(record or {})})
     last_saved = None
     if resume:
         state, data_state = _restore(checkpoints, state, workdir, lead)
@@ -589,5 +580,5 @@ def _train_locked(run: RunConfig, workdir: Path, source: BatchSource, objective:
     summary = {"final_step": step, "preempted": preempted, "params_sha256": params_sha256(state["ema"]),
                "last_metrics": last_record}
     if lead and not preempted:
-        write_json(workdir / SUMMARY, summary)
+        write_json_atomic(workdir / SUMMARY, summary)
     return summary

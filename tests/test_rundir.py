@@ -1,19 +1,18 @@
 """Run-directory files: atomic JSON, the tolerant metrics reader, the one-writer lock."""
 
-import json
 import subprocess
 import sys
-import time
 
 import pytest
 
 from dit.errors import UserError
-from dit.rundir import RunLock, append_metrics, holds_run, read_json, read_metrics, write_json
+from dit.files import write_json_atomic
+from dit.rundir import RunLock, append_metrics, holds_run, read_json, read_metrics
 
 
 def test_json_is_replaced_whole_and_a_damaged_file_is_named(tmp_path):
-    write_json(tmp_path / "summary.json", {"final_step": 4})
-    write_json(tmp_path / "summary.json", {"final_step": 8})
+    write_json_atomic(tmp_path / "summary.json", {"final_step": 4})
+    write_json_atomic(tmp_path / "summary.json", {"final_step": 8})
     assert read_json(tmp_path / "summary.json") == {"final_step": 8}
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary left behind
     assert read_json(tmp_path / "absent.json") is None

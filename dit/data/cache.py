@@ -30,6 +30,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from dit.errors import UserError
+from dit.files import write_json_atomic
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -42,16 +43,6 @@ def shard_name(k: int) -> str:
 
 def shard_ranges(num_files: int, shard_size: int) -> list[tuple[int, int]]:
     return [(start, min(start + shard_size, num_files)) for start in range(0, num_files, shard_size)]
-
-
-def write_json_atomic(path: Path, content: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(json.dumps(content, indent=2))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk must not also keep the half-written copy
-        raise
 
 
 @dataclass

@@ -9,7 +9,6 @@ shards k with k % P == p, and the process that finds every shard present writes 
 from __future__ import annotations
 
 import argparse
-import errno
 import hashlib
 import json
 import sys
@@ -29,6 +28,7 @@ from dit.autoencoder import Autoencoder, PixelAutoencoder, as_function
 from dit.data import cache as latent_cache
 from dit.data.images import ImageSet, find_images, load_images
 from dit.errors import UserError, check_sizes, report
+from dit.files import is_disk_full
 from dit.mesh import BATCH_AXIS, data_mesh
 
 # What the real ImageNet-100 holds; printed next to what was found, so a partial copy shows at once.
@@ -161,7 +161,7 @@ def _disk_full_is_a_user_error(out: Path, num_shards: int):
     try:
         yield
     except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not is_disk_full(error):
             raise
         done = len(latent_cache.finished_shards(out)) if out.is_dir() else 0
         raise UserError(

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -25,6 +23,7 @@ from flax import nnx
 from dit.errors import UserError, report
 from dit.eval.inception import FEATURES
 from dit.eval.metrics import frechet_distance, inception_score, precision_recall, statistics
+from dit.files import write_json_atomic
 from dit.rundir import read_json
 
 if TYPE_CHECKING:
@@ -149,9 +148,7 @@ def write_json_new(path: Path, content: dict) -> None:
     if path.exists():
         raise UserError(f"{path} already exists; choose another --out (results are never overwritten).")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    tmp.write_text(json.dumps(content, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, content)
 
 
 def main(argv: list[str] | None = None) -> int:
