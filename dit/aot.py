@@ -60,7 +60,8 @@ def target_mesh(topology: str | None, devices: int | None):
 def program_flops(jitted, args, devices: int) -> float:
     """FLOPs per device of one call: 2 x the multiply-adds of every matrix product and convolution in the
     traced program, loops counted per iteration, split evenly over the data-parallel devices."""
-    return 2 * product_macs(jitted.trace(*args).jaxpr.jaxpr) / devices
+    platform = next(iter(jax.tree.leaves(args)[0].sharding.device_set)).platform  # the branch lowered there
+    return 2 * product_macs(jitted.trace(*args).jaxpr.jaxpr, platform) / devices
 
 
 def cost_model_seconds(compiled) -> float | None:
@@ -107,6 +108,63 @@ def sampling_program(run: RunConfig, mesh):
     return jax.jit(evaluate), (params, x, t, y)
 
 
+def _abstract(module, mesh):
+    """A network's (graphdef, ShapeDtypeStructs of its state replicated over the mesh), from shapes alone."""
+    graphdef, state = nnx.split(nnx.eval_shape(module))
+    return graphdef, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)), state)
+
+
+def evaluation_programs(run: RunConfig, mesh) -> dict:
+    """The programs of one evaluation batch (eval.batch_size samples), name -> (jitted, args): the guided
+    network evaluation (run eval.sampling_steps times), the SD-VAE decode to uint8 images (latent models),
+    and the FID Inception's features (eval.metric fid)."""
+    from dit.eval.inception import InceptionV3, preprocess
+    from dit.sample import to_uint8
+    from dit.vae import SCALE_FACTOR, AutoencoderKL, VAEConfig
+
+    m, n, sharded = run.model, run.eval.batch_size, batch_sharded(mesh)
+    programs = {"network": sampling_program(run, mesh)}
+    side = m.input_size
+    if m.in_channels == VAEConfig.latent_channels:  # latents of the SD-VAE; 3 channels are pixels
+        graphdef, params = _abstract(lambda: AutoencoderKL(VAEConfig(), rngs=nnx.Rngs(0)), mesh)
+        latents = jax.ShapeDtypeStruct((n, side, side, m.in_channels), jnp.float32, sharding=sharded)
+        decode = lambda params, z: to_uint8(nnx.merge(graphdef, params).decode(z / SCALE_FACTOR))
+        programs["decode"] = jax.jit(decode), (params, latents)
+        side *= 2 ** (len(VAEConfig.block_out_channels) - 1)
+    if run.eval.metric == "fid":
+        graphdef, state = _abstract(lambda: InceptionV3(rngs=nnx.Rngs(0)), mesh)
+        images = jax.ShapeDtypeStruct((n, side, side, 3), jnp.uint8, sharding=sharded)
+        features = lambda state, images: nnx.merge(graphdef, state)(preprocess(images))[0]
+        programs["inception"] = jax.jit(features), (state, images)
+    return programs
+
+
+def evaluation_report(run: RunConfig, mesh, cost_model: bool = True) -> dict:
+    """Memory and cost-model time of each evaluation program, and the projected minutes of one
+    evaluation of eval.num_samples samples (FID-10K for in100): batches x (steps x network + decode +
+    Inception), where the backend has a cost model."""
+    device = mesh.devices.flat[0]
+    report, seconds = {}, {}
+    for name, (jitted, args) in evaluation_programs(run, mesh).items():
+        try:
+            compiled = jitted.lower(*args).compile()
+            memory = StepMemory.of(compiled, device)
+            seconds[name] = cost_model_seconds(compiled) if cost_model else None
+        except Exception as error:
+            if "RESOURCE_EXHAUSTED" not in str(error):
+                raise
+            memory, seconds[name] = _refused(DoesNotFit(str(error)), jitted, args, device), None
+        report[f"eval_{name}_memory_gb"] = memory.total / 1e9
+        report[f"eval_{name}_fits"] = memory.fits
+        report[f"eval_{name}_ms"] = None if seconds[name] is None else 1000 * seconds[name]
+    batches = math.ceil(run.eval.num_samples / run.eval.batch_size)
+    per_batch = (None if None in seconds.values() else
+                 run.eval.sampling_steps * seconds["network"] + sum(v for k, v in seconds.items() if k != "network"))
+    return {**report, "eval_batch": run.eval.batch_size, "eval_samples": run.eval.num_samples,
+            "eval_sampling_steps": run.eval.sampling_steps, "eval_cfg_scale": run.eval.cfg_scale,
+            "eval_minutes": None if per_batch is None else batches * per_batch / 60}
+
+
 def compile_report(run: RunConfig, mesh, target: str, cost_model: bool = True) -> dict:
     """Memory, FLOPs and cost-model time per device of the run's training step (and of one sampling
     evaluation) compiled for the mesh, as one JSON-ready dict."""
@@ -132,18 +190,16 @@ def compile_report(run: RunConfig, mesh, target: str, cost_model: bool = True) -
         memory = _refused(error, jitted, args, device)
     jitted, args = training_program(run, objective, mesh, grad_accum)
     flops = program_flops(jitted, args, devices)
+    scanned = run.model.blocks_scanned_on(device.platform)
     seconds = None
     if cost_model and compiled is not None and cost_model_seconds(compiled.step) is not None:
-        unrolled, unrolled_args = training_program(written_out(run), objective, mesh, grad_accum, unroll=True)
-        seconds = cost_model_seconds(unrolled.lower(*unrolled_args).compile())
+        if scanned or grad_accum > 1:
+            unrolled, unrolled_args = training_program(written_out(run), objective, mesh, grad_accum, unroll=True)
+            seconds = cost_model_seconds(unrolled.lower(*unrolled_args).compile())
+        else:  # already written out: the program that runs is the one timed
+            seconds = cost_model_seconds(compiled.step)
     peak = peak_flops(device.device_kind, getattr(device, "num_cores", 1))
-    sample_jitted, sample_args = sampling_program(run, mesh)
-    try:
-        sample_memory = StepMemory.of(sample_jitted.lower(*sample_args).compile(), device)
-    except Exception as error:
-        if "RESOURCE_EXHAUSTED" not in str(error):
-            raise
-        sample_memory = _refused(DoesNotFit(str(error)), sample_jitted, sample_args, device)
+    evaluation = evaluation_report(run, mesh, cost_model)
     gb = lambda b: None if b is None else b / 1e9
     return {
         "target": target, "device_kind": device.device_kind, "devices": devices, "variant": run.variant,
@@ -151,6 +207,7 @@ def compile_report(run: RunConfig, mesh, target: str, cost_model: bool = True) -
         "per_device_batch": run.train.batch_size // devices, "grad_accum": grad_accum,
         "grad_accum_setting": run.train.grad_accum, "remat": run.model.remat,
         "attention": run.model.attention_kind, "scan_blocks": run.model.scan_blocks,
+        "blocks": "scanned" if scanned else "written out",
         "memory_gb": gb(memory.total), "arguments_gb": gb(memory.arguments), "temporaries_gb": gb(memory.temporaries),
         "outputs_gb": gb(memory.outputs), "capacity_gb": gb(memory.capacity),
         "fits": refusal is None and memory.fits, "headroom": memory.headroom,
@@ -161,5 +218,6 @@ def compile_report(run: RunConfig, mesh, target: str, cost_model: bool = True) -
         "mfu": None if seconds is None or peak is None else flops / seconds / peak,
         "projected_run_hours": None if seconds is None else run.train.steps * seconds / 3600,
         "steps": run.train.steps,
-        "sample_batch": run.eval.batch_size, "sample_memory_gb": gb(sample_memory.total),
+        "sample_batch": run.eval.batch_size, "sample_memory_gb": evaluation["eval_network_memory_gb"],
+        **evaluation,
     }

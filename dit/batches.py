@@ -1,29 +1,90 @@
-"""The training input boundary: a source of per-process batches whose iterator state can be saved.
+"""The training input boundary: the batch the training step takes, and sources of them whose state can be saved.
 
-Any source with `next() -> (x, y)` (this process's rows, numpy) and `get_state()` / `set_state(dict)`
-plugs into the training loop; the grain pipeline over the latent cache is one, `ArrayBatches` (in
-memory, for tests and toy data) another.
+A batch holds, per record of this process's rows, the posterior's mean and std (axis 1: the unflipped
+and the flipped image, or just one) with the label and the (epoch, record) ids; the step draws the flip
+and the posterior sample on the device from those ids (`latents_from_batch`). Any source with
+`next() -> Batch` (numpy), `get_state()` / `set_state(dict)` and a `batch_format` plugs into the
+training loop: the latent cache (`dit.data.pipeline.CacheBatches`) is one, `ArrayBatches` (latents in
+memory, for tests and toy data) another. `Prefetch` reads a source ahead in a thread and puts its
+batches on the devices.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Protocol
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+# Stream 1 of PRNGKey(train.seed) is the training state's key (dit.train.init_state); the data's is 2.
+DATA_STREAM = 2
+
+
+class Batch(NamedTuple):
+    """One batch, rows = records; a pytree, so it is sharded, put on devices and described leaf by leaf."""
+
+    mean: np.ndarray  # (B, 2, h, w, c): the unflipped and the flipped image; (B, 1, h, w, c): the one to use
+    std: np.ndarray  # the same shape: the posterior's standard deviation (0: the latent is the mean)
+    label: np.ndarray  # (B,) int32
+    epoch: np.ndarray  # (B,) int32: with `record`, all the randomness of the record's latent
+    record: np.ndarray  # (B,) int32
+
+
+@dataclass(frozen=True)
+class BatchFormat:
+    """What a source's batches hold besides the model's latent shape: the training step is compiled for it."""
+
+    dtype: str = "float32"  # of mean and std, as stored
+    flip: bool = False  # True: axis 1 holds both images and the step picks one at random per record
+    scale_factor: float = 1.0  # applied to the sample on the device (the cache's SD-VAE factor, say)
+
+
+def latent_batch(x: np.ndarray, y: np.ndarray) -> Batch:
+    """Latents already drawn, as a batch: std 0, so the step's noise leaves them as they are."""
+    x = np.asarray(x, np.float32)  # ArrayBatches' batch_format
+    ids = np.zeros(len(x), np.int32)  # no randomness to draw: any ids give the same latents
+    return Batch(x[:, None], np.zeros_like(x[:, None]), np.asarray(y, np.int32), ids, ids)
+
+
+def latents_from_batch(batch: Batch, seed: int, scale_factor: float) -> tuple[jax.Array, jax.Array]:
+    """Batch -> (x float32 (B, h, w, c), y): per record the flipped or unflipped image (at random where the
+    batch holds both) and a fresh sample of its posterior, times `scale_factor`.
+
+    Record r of epoch e draws from fold_in(fold_in(fold_in(PRNGKey(seed), DATA_STREAM), e), r), split into
+    a flip key and a noise key: the latent is a pure function of (seed, e, r), wherever the record sits in
+    the batch and however many processes read it, and the noise is the same with flips on or off.
+    """
+    stream = jax.random.fold_in(jax.random.PRNGKey(seed), DATA_STREAM)
+
+    def sample(mean, std, epoch, record):
+        flip_key, noise_key = jax.random.split(jax.random.fold_in(jax.random.fold_in(stream, epoch), record))
+        pick = jax.random.bernoulli(flip_key) if mean.shape[0] == 2 else False
+        mean, std = (jnp.where(pick, a[-1], a[0]).astype(jnp.float32) for a in (mean, std))
+        return (mean + std * jax.random.normal(noise_key, mean.shape)) * scale_factor
+
+    return jax.vmap(sample)(batch.mean, batch.std, batch.epoch, batch.record), batch.label
 
 
 class BatchSource(Protocol):
-    def next(self) -> tuple[np.ndarray, np.ndarray]: ...
+    batch_format: BatchFormat
+
+    def next(self) -> Batch: ...
     def get_state(self) -> dict: ...
     def set_state(self, state: dict) -> None: ...
 
 
 class ArrayBatches:
-    """Shuffled batches of in-memory arrays: every epoch a new permutation from (seed, epoch).
+    """Shuffled batches of in-memory latents: every epoch a new permutation from (seed, epoch).
 
     The global batch is the same whatever the number of processes; process p takes its slice of it,
     so 1 process and N processes see the same data. The last partial batch of an epoch is dropped.
     """
+
+    batch_format = BatchFormat()
 
     def __init__(self, x: np.ndarray, y: np.ndarray, global_batch: int, seed: int,
                  process_index: int = 0, process_count: int = 1):
@@ -39,13 +100,13 @@ class ArrayBatches:
     def _permutation(self) -> np.ndarray:
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.x))
 
-    def next(self) -> tuple[np.ndarray, np.ndarray]:
+    def next(self) -> Batch:
         if self.position + self.global_batch > len(self.x):
             self.epoch, self.position = self.epoch + 1, 0
             self._order = self._permutation()
         rows = self._order[self.position + self.offset: self.position + self.offset + self.local]
         self.position += self.global_batch
-        return self.x[rows], self.y[rows]
+        return latent_batch(self.x[rows], self.y[rows])
 
     def get_state(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
@@ -53,3 +114,59 @@ class ArrayBatches:
     def set_state(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self._order = self._permutation()
+
+
+class Prefetch:
+    """The next `count` batches of `source`, each passed through `put` (onto the devices) by a background
+    thread up to `depth` ahead of the consumer, so reading and the transfer overlap the training step.
+
+    `get_state()` is the source's state after the last batch handed out, not after the ones read ahead:
+    what a checkpoint must hold. An error in the thread is raised by the `next()` that would have returned
+    that batch. Use it as a context manager: leaving stops the thread.
+    """
+
+    def __init__(self, source: BatchSource, put: Callable, count: int, depth: int = 2):
+        self._state, self._left = source.get_state(), count
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(source, put, count), daemon=True,
+                                        name="prefetch")
+
+    def __enter__(self) -> Prefetch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _read(self, source: BatchSource, put: Callable, count: int) -> None:
+        try:
+            for _ in range(count):
+                if not self._offer((put(source.next()), source.get_state(), None)):
+                    return
+        except BaseException as error:  # KeyboardInterrupt too: the consumer decides what it means
+            self._offer((None, None, error))
+
+    def _offer(self, item) -> bool:
+        """Queues `item` unless the consumer has left; False once it has."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def next(self):
+        if not self._left:
+            raise RuntimeError("Prefetch: all `count` batches were handed out")
+        batch, state, error = self._queue.get()
+        if error is not None:
+            self._queue.put((None, None, error))  # the thread has ended: every later next() raises it too
+            raise error
+        self._state, self._left = state, self._left - 1
+        return batch
+
+    def get_state(self) -> dict:
+        return self._state

@@ -35,6 +35,9 @@ _CHOICES = {
 # The samplers that fit each objective, its default (eval.sampler="") first. dit.sample builds them.
 SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("sde", "euler", "heun")}
 
+# model.scan_blocks=auto runs the blocks as one lax.scan on these platforms and writes them out elsewhere.
+SCAN_BLOCKS_ON = ("cpu",)
+
 # model.attention=auto picks blockwise attention above this many tokens (patch size 1 on 32x32 latents:
 # 1024), where the dense (B, heads, T, T) float32 logits dominate the step's memory.
 BLOCKWISE_ABOVE_TOKENS = 256
@@ -63,7 +66,9 @@ class ModelConfig:
     stem: str = "linear"  # linear: patchify as one linear layer; conv: two 3x3 convs, then patchify
     conv_stem_width: int = 64
     dtype: str = "float32"  # compute dtype of matrix products; parameters stay float32
-    scan_blocks: bool = True  # run the stacked blocks as one lax.scan; False unrolls the same loop
+    # True: the stacked blocks run as one lax.scan; False: the same loop written out; auto: scanned on the
+    # CPU, written out on accelerators (decided for the platform the program is compiled for).
+    scan_blocks: bool | str = "auto"
     remat: str = "none"  # recompute each block in the backward pass: none | block (all) | dots (keep weight products)
     attention: str = "auto"  # dense | blockwise (online softmax, memory linear in tokens) | auto (by token count)
     attention_block: int = 128  # key block of blockwise attention
@@ -75,6 +80,8 @@ class ModelConfig:
                     f"model.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}; "
                     f"set it to one of those."
                 )
+        if self.scan_blocks not in (True, False, "auto"):
+            raise ConfigError(f"model.scan_blocks={self.scan_blocks!r} must be true, false or auto.")
         positive = ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "num_classes",
                     "attention_block", "conv_stem_width")
         for name in positive:
@@ -109,6 +116,10 @@ class ModelConfig:
                 f"model.swiglu_hidden={self.swiglu_hidden} must be >= 0; give the SwiGLU width, or 0 for 2/3 of the "
                 f"GELU width."
             )
+
+    def blocks_scanned_on(self, platform: str) -> bool:
+        """Whether the program compiled for `platform` runs the blocks as one scan (model.scan_blocks)."""
+        return platform in SCAN_BLOCKS_ON if self.scan_blocks == "auto" else bool(self.scan_blocks)
 
     @property
     def head_dim(self) -> int:
@@ -257,7 +268,9 @@ class DataConfig:
     images: str = ""  # on-the-fly instead of a cache: a dataset root whose images are encoded each step
     vae: str = "stabilityai/sd-vae-ft-ema"  # the autoencoder for on-the-fly encoding and for decoding samples
     resolution: int = 256  # on-the-fly center crop
-    workers: int = 0  # grain worker processes reading batches (0: in the training process)
+    # On the fly only: grain processes decoding images (0: in the training process). A cache is read
+    # a batch at a time by one thread, which keeps up without them.
+    workers: int = 0
     flip: bool = True  # random horizontal flips, DiT's augmentation; off where a mirror image is another thing
 
     def __post_init__(self) -> None:
@@ -320,6 +333,8 @@ def _parse_value(key: str, text: str, kind: str):
             return int(text)
         if kind == "float":
             return float(text)
+        if kind == "bool | str":  # true/false or a named choice such as auto
+            return text if text == "auto" else _parse_value(key, text, "bool")
         if kind == "int | str":  # an integer or a named choice such as auto
             return int(text) if text.lstrip("-").isdigit() else text
         return text

@@ -26,10 +26,19 @@ def count_params(cfg: ModelConfig) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state))
 
 
-def product_macs(jaxpr) -> int:
-    """Multiply-adds of every matrix product and convolution in a jaxpr, each loop iteration counted."""
+def product_macs(jaxpr, platform: str | None = None) -> int:
+    """Multiply-adds of every matrix product and convolution in a jaxpr, each loop iteration counted.
+
+    Of a `lax.platform_dependent` choice only the branch lowered for `platform` counts (None: the
+    default branch, what accelerators run)."""
     total = 0
     for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "cond" and eqn.params.get("branches_platforms"):
+            chosen = [i for i, names in enumerate(eqn.params["branches_platforms"])
+                      if names is None and platform is None or names is not None and platform in names]
+            fallback = [i for i, names in enumerate(eqn.params["branches_platforms"]) if names is None]
+            total += product_macs(eqn.params["branches"][(chosen or fallback)[0]].jaxpr, platform)
+            continue
         if eqn.primitive.name == "dot_general":
             (lhs_contract, _), _ = eqn.params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
@@ -44,9 +53,9 @@ def product_macs(jaxpr) -> int:
         for param in eqn.params.values():
             for sub in param if isinstance(param, (tuple, list)) else (param,):
                 if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    total += repeat * product_macs(sub.jaxpr)
+                    total += repeat * product_macs(sub.jaxpr, platform)
                 elif isinstance(sub, jax.extend.core.Jaxpr):
-                    total += repeat * product_macs(sub)
+                    total += repeat * product_macs(sub, platform)
     return total
 
 

@@ -6,12 +6,14 @@ NHWC; with learn_sigma the output has 2x the input channels (epsilon, then the s
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from dit.attention import SelfAttention, rope_2d_angles
-from dit.config import ModelConfig
+from dit.config import SCAN_BLOCKS_ON, ModelConfig
 from dit.layers import (ConvStem, GeluMlp, LabelEmbedder, PatchEmbed, SwiGluMlp, TimestepEmbedder, layer_norm,
                         linear, modulate, rms_norm, sincos_pos_embed_2d, unpatchify, zeros)
 
@@ -40,15 +42,17 @@ class DiTBlock(nnx.Module):
             self.adaln_offset = nnx.Param(jnp.zeros((6 * d,), jnp.float32))
 
     def __call__(self, x, c, shared_modulation=None, rope_angles=None):
-        if self.adaln_modulation is not None:
-            modulation = self.adaln_modulation(nnx.silu(c))
-        else:
-            modulation = shared_modulation + self.adaln_offset[...]
+        # The named scopes label the compiled program's operations (profiles, dit.bench compile).
+        with jax.named_scope("adaln"):
+            if self.adaln_modulation is not None:
+                modulation = self.adaln_modulation(nnx.silu(c))
+            else:
+                modulation = shared_modulation + self.adaln_offset[...]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(modulation, 6, axis=-1)
-        h = modulate(self.norm(x), shift_msa, scale_msa)
-        x = x + gate_msa[:, None, :] * self.attn(h, rope_angles)
-        h = modulate(self.norm(x), shift_mlp, scale_mlp)
-        return x + gate_mlp[:, None, :] * self.mlp(h)
+        with jax.named_scope("attention"):
+            x = x + gate_msa[:, None, :] * self.attn(modulate(self.norm(x), shift_msa, scale_msa), rope_angles)
+        with jax.named_scope("mlp"):
+            return x + gate_mlp[:, None, :] * self.mlp(modulate(self.norm(x), shift_mlp, scale_mlp))
 
 
 def stack_blocks(blocks: list[DiTBlock]) -> DiTBlock:
@@ -66,13 +70,14 @@ def stack_blocks(blocks: list[DiTBlock]) -> DiTBlock:
 # batch dimensions), and recomputes attention's token-by-token products, norms and activations.
 REMAT_POLICIES = {"block": jax.checkpoint_policies.nothing_saveable,
                   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-# What a scanned block keeps with remat `none`: the weight products' outputs and the attention weights,
-# recomputing the elementwise work (norms, modulation, activations) inside the backward's fusions, as
-# XLA does by itself for the unrolled loop. Without a policy the scan keeps every intermediate: 2.9x the
-# unrolled step's temporaries on a TPU v3 (4.79 against 1.68 GB for DiT-S/2, bfloat16, 32 per core).
+# What a scanned block keeps with remat `none`: the weight products' outputs and attention's output and
+# log-sum-exp (what its backward needs besides q, k, v), recomputing the elementwise work (norms,
+# modulation, activations) inside the backward's fusions, as XLA does by itself for the unrolled loop.
+# Without a policy the scan keeps every intermediate: 2.9x the unrolled step's temporaries on a TPU v3
+# (4.79 against 1.68 GB for DiT-S/2, bfloat16, 32 per core).
 SCANNED_RESIDUALS = jax.checkpoint_policies.save_from_both_policies(
     jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    jax.checkpoint_policies.save_only_these_names("attention_weights"))
+    jax.checkpoint_policies.save_only_these_names("attention_out", "attention_lse"))
 
 
 class FinalLayer(nnx.Module):
@@ -112,7 +117,9 @@ class DiT(nnx.Module):
         Labels are dropped to the null label only when `dropout_key` is given (training).
         """
         cfg = self.cfg
-        h = self.x_embedder(x.astype(jnp.float32))
+        # The residual stream stays float32 whatever the compute dtype (as autocast keeps it in PyTorch);
+        # only the inputs of the products are cast down.
+        h = self.x_embedder(x.astype(jnp.float32)).astype(jnp.float32)
         rope_angles = None
         if cfg.pos_embed == "rope":
             rope_angles = jnp.asarray(rope_2d_angles(cfg.grid_size, cfg.head_dim))
@@ -122,16 +129,25 @@ class DiT(nnx.Module):
         shared = self.shared_adaln(nnx.silu(c)) if self.shared_adaln is not None else None
         block_def, stacked = nnx.split(self.blocks)
 
-        def run_block(h, block_state):
-            return nnx.merge(block_def, block_state)(h, c, shared, rope_angles), None
+        def run_blocks(h, scan: bool):
+            def run_block(h, block_state):
+                return nnx.merge(block_def, block_state)(h, c, shared, rope_angles), None
 
-        policy = REMAT_POLICIES.get(cfg.remat, SCANNED_RESIDUALS if cfg.scan_blocks else None)
-        if policy is not None:
-            run_block = jax.checkpoint(run_block, policy=policy)
-        # One lax.scan over the stacked parameters. Without the loop boundary XLA fuses the residual stream
-        # across all blocks and recomputes it in every consumer (quadratic in depth): on the CPU the scanned
-        # step trains DiT-S/2 about 1.5x faster and compiles faster. scan_blocks=False unrolls the same loop.
-        h, _ = jax.lax.scan(run_block, h, stacked, unroll=1 if cfg.scan_blocks else cfg.depth)
+            policy = REMAT_POLICIES.get(cfg.remat, SCANNED_RESIDUALS if scan else None)
+            if policy is not None:
+                run_block = jax.checkpoint(run_block, policy=policy)
+            return jax.lax.scan(run_block, h, stacked, unroll=1 if scan else cfg.depth)[0]
+
+        if cfg.scan_blocks == "auto":
+            # Decided when the program is lowered, for the platform it is compiled for (a TPU topology
+            # compiled on a CPU host included): one lax.scan on the CPU, where without the loop boundary XLA
+            # fuses the residual stream across all blocks and recomputes it in every consumer (the scanned
+            # step trains DiT-S/2 about 1.5x faster there); written out on accelerators, where XLA's cost
+            # model puts the unrolled TPU v3 step at half the scanned one's time.
+            scanned = {platform: functools.partial(run_blocks, scan=True) for platform in SCAN_BLOCKS_ON}
+            h = jax.lax.platform_dependent(h, **scanned, default=functools.partial(run_blocks, scan=False))
+        else:
+            h = run_blocks(h, bool(cfg.scan_blocks))
         out = self.final_layer(h, c)
         return unpatchify(out, cfg.patch_size, cfg.out_channels).astype(jnp.float32)
 

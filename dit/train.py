@@ -24,9 +24,9 @@ import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
-from dit.batches import BatchSource
+from dit.batches import Batch, BatchFormat, BatchSource, Prefetch, latents_from_batch
 from dit.checkpoint import Checkpoints
-from dit.config import ModelConfig, RunConfig, TrainConfig, to_dict
+from dit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, to_dict
 from dit.errors import UserError
 from dit.memory import DoesNotFit, StepMemory
 from dit.mesh import BATCH_AXIS, batch_sharded, data_mesh, global_batch, local_batch_size, replicated, to_host
@@ -89,17 +89,20 @@ def microbatches(tree, k: int, mesh):
 
 
 def make_train_step(graphdef, objective: Objective, optimizer, schedule, train_cfg: TrainConfig,
-                    dynamic_loss_scale: bool, mesh, grad_accum: int = 1, unroll: bool = False) -> Callable:
-    """The jitted step (state, (x, y)) -> (state, metrics); the state's buffers are donated.
+                    dynamic_loss_scale: bool, mesh, grad_accum: int = 1, unroll: bool = False,
+                    batch_format: BatchFormat = BatchFormat()) -> Callable:
+    """The jitted step (state, Batch) -> (state, metrics); the state's buffers are donated.
 
-    With grad_accum = k the batch is k microbatches whose gradients are averaged before the one optimizer
-    and EMA update. Time, noise and label dropout are drawn for the whole batch first, so the update is
-    that of k = 1 up to float32 rounding, whatever k. `unroll` writes the microbatch loop out (for XLA's
-    cost model, which counts a loop body once).
+    The step turns the batch into latents itself (the flip and the posterior sample, from train.seed and
+    each record's ids: `latents_from_batch`), so the host only reads. With grad_accum = k the batch is k
+    microbatches whose gradients are averaged before the one optimizer and EMA update. Latents, time,
+    noise and label dropout are drawn for the whole batch first, so the update is that of k = 1 up to
+    float32 rounding, whatever k. `unroll` writes the microbatch loop out (for XLA's cost model, which
+    counts a loop body once).
     """
 
     def step(state, batch):
-        x, y = batch
+        x, y = latents_from_batch(batch, train_cfg.seed, batch_format.scale_factor)
         key_objective, key_dropout = jax.random.split(jax.random.fold_in(state["rng"], state["step"]))
         scale = state["loss_scale"]
         noise = objective.draw(key_objective, x)
@@ -160,12 +163,27 @@ def make_train_step(graphdef, objective: Objective, optimizer, schedule, train_c
                    out_shardings=(state_sharding, state_sharding), donate_argnums=0)
 
 
-def abstract_batch(run: RunConfig, mesh, batch_size: int | None = None):
-    """ShapeDtypeStructs of one global training batch (latents, labels), sharded over the mesh."""
+def default_batch_format(data: DataConfig) -> BatchFormat:
+    """The batches a data config implies, for compiling a step without its data (dit.aot): images flipped
+    as they are read, a cache as `extract` writes it by default (float16, both flips; its scale factor
+    does not change the program's cost), or, with no data named, latents held in memory."""
+    if data.images:
+        return BatchFormat(dtype="float32", flip=False)
+    if data.cache:
+        return BatchFormat(dtype="float16", flip=data.flip)
+    return BatchFormat()
+
+
+def abstract_batch(run: RunConfig, mesh, batch_size: int | None = None,
+                   batch_format: BatchFormat | None = None) -> Batch:
+    """ShapeDtypeStructs of one global training batch (a Batch), sharded over the mesh."""
     m, sharding = run.model, batch_sharded(mesh)
+    fmt = batch_format or default_batch_format(run.data)
     n = batch_size or run.train.batch_size
-    return (jax.ShapeDtypeStruct((n, m.input_size, m.input_size, m.in_channels), jnp.float32, sharding=sharding),
-            jax.ShapeDtypeStruct((n,), jnp.int32, sharding=sharding))
+    latents = (n, 2 if fmt.flip else 1, m.input_size, m.input_size, m.in_channels)
+    rows = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    return Batch(mean=rows(latents, fmt.dtype), std=rows(latents, fmt.dtype), label=rows((n,), jnp.int32),
+                 epoch=rows((n,), jnp.int32), record=rows((n,), jnp.int32))
 
 
 @dataclass(frozen=True)
@@ -187,21 +205,26 @@ def accumulation_choices(run: RunConfig, devices: int) -> list[int]:
     return [k for k in range(1, per_device + 1) if per_device % k == 0]
 
 
-def training_program(run: RunConfig, objective: Objective, mesh, grad_accum: int, unroll: bool = False):
-    """The jitted step of a run for `grad_accum` microbatches and the sharded shapes of its arguments."""
+def training_program(run: RunConfig, objective: Objective, mesh, grad_accum: int, unroll: bool = False,
+                     batch_format: BatchFormat | None = None):
+    """The jitted step of a run for `grad_accum` microbatches and the sharded shapes of its arguments;
+    the batches are those of `batch_format` (default: what run.data implies)."""
+    batch_format = batch_format or default_batch_format(run.data)
     optimizer, schedule = create_optimizer(run.train)
     graphdef = nnx.split(nnx.eval_shape(lambda: DiT(run.model, rngs=nnx.Rngs(0))))[0]
     abstract_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)),
                                   jax.eval_shape(lambda: init_state(run.model, run.train, optimizer)[1]))
     jitted = make_train_step(graphdef, objective, optimizer, schedule, run.train, mesh=mesh, grad_accum=grad_accum,
-                             dynamic_loss_scale=run.model.dtype == "float16", unroll=unroll)
-    return jitted, (abstract_state, abstract_batch(run, mesh))
+                             dynamic_loss_scale=run.model.dtype == "float16", unroll=unroll,
+                             batch_format=batch_format)
+    return jitted, (abstract_state, abstract_batch(run, mesh, batch_format=batch_format))
 
 
-def compile_step(run: RunConfig, objective: Objective, mesh, grad_accum: int) -> CompiledStep:
+def compile_step(run: RunConfig, objective: Objective, mesh, grad_accum: int,
+                 batch_format: BatchFormat | None = None) -> CompiledStep:
     """The step compiled ahead of time from shapes alone (no device memory is taken); raises DoesNotFit
     with XLA's words where XLA refuses a program larger than the device (TPU)."""
-    jitted, args = training_program(run, objective, mesh, grad_accum)
+    jitted, args = training_program(run, objective, mesh, grad_accum, batch_format=batch_format)
     try:
         compiled = jitted.lower(*args).compile()
     except Exception as error:
@@ -211,7 +234,8 @@ def compile_step(run: RunConfig, objective: Objective, mesh, grad_accum: int) ->
     return CompiledStep(compiled, grad_accum, StepMemory.of(compiled, mesh.devices.flat[0]))
 
 
-def compile_training(run: RunConfig, objective: Objective, mesh) -> CompiledStep:
+def compile_training(run: RunConfig, objective: Objective, mesh,
+                     batch_format: BatchFormat | None = None) -> CompiledStep:
     """The step compiled for the mesh. train.grad_accum=auto takes the fewest microbatches whose step
     leaves the memory headroom free on each device (failing that, the fewest that fit at all). A step
     that does not fit raises DoesNotFit with the numbers and the fixes."""
@@ -219,7 +243,7 @@ def compile_training(run: RunConfig, objective: Objective, mesh) -> CompiledStep
     fitting, tried = [], []
     for k in accumulation_choices(run, mesh.devices.size):
         try:
-            compiled = compile_step(run, objective, mesh, k)
+            compiled = compile_step(run, objective, mesh, k, batch_format)
         except DoesNotFit as refusal:
             tried.append(str(refusal))
             continue
@@ -240,9 +264,11 @@ def compile_training(run: RunConfig, objective: Objective, mesh) -> CompiledStep
     )
 
 
-def build_training(run: RunConfig, objective: Objective, mesh) -> tuple[object, dict, CompiledStep]:
-    """The model graph, the initial state (replicated over the mesh) and the compiled step of a run."""
-    compiled = compile_training(run, objective, mesh)  # before any device memory is taken
+def build_training(run: RunConfig, objective: Objective, mesh,
+                   batch_format: BatchFormat | None = None) -> tuple[object, dict, CompiledStep]:
+    """The model graph, the initial state (replicated over the mesh) and the compiled step of a run, for
+    batches of `batch_format` (a source's; default: what run.data implies)."""
+    compiled = compile_training(run, objective, mesh, batch_format)  # before any device memory is taken
     optimizer, _ = create_optimizer(run.train)
     graphdef, state = init_state(run.model, run.train, optimizer)
     return graphdef, jax.device_put(state, replicated(mesh)), compiled
@@ -485,7 +511,8 @@ def train(run: RunConfig, workdir: Path, source: BatchSource, objective: Objecti
     _prepare_workdir(workdir, resume)
     mesh = data_mesh()
     local_batch_size(cfg.batch_size)  # fails early if the batch does not split over the devices
-    graphdef, state, compiled = build_training(run, objective, mesh)  # DoesNotFit: before anything is written
+    # DoesNotFit: before anything is written
+    graphdef, state, compiled = build_training(run, objective, mesh, source.batch_format)
     with contextlib.ExitStack() as held:
         if lead:
             held.enter_context(RunLock(workdir))
@@ -540,9 +567,12 @@ def _train_locked(run: RunConfig, workdir: Path, source: BatchSource, objective:
         if resume and evaluate is not None and _pending_evaluation(run, workdir, step, lead):
             # Killed while evaluating this step: its checkpoint holds the EMA the evaluation needs.
             last_record = log.write_evaluation(step, evaluate(step, state["ema"]))
-        with _Preemption() as preemption:
+        # A thread reads the next batches and puts them on the devices while this step runs; checkpoints
+        # take `batches.get_state()`: the position after the batches trained on, not those read ahead.
+        with _Preemption() as preemption, \
+                Prefetch(source, lambda batch: global_batch(mesh, batch), cfg.steps - step) as batches:
             while step < cfg.steps:
-                state, metrics = train_step(state, global_batch(mesh, source.next()))
+                state, metrics = train_step(state, batches.next())
                 step += 1
                 log.add(metrics)
                 bar.update(1)
@@ -554,7 +584,7 @@ def _train_locked(run: RunConfig, workdir: Path, source: BatchSource, objective:
                 if at_log or at_save or stop:
                     log.check_finite(first_unchecked, last_saved, workdir)  # never save a diverged state
                 if at_save or stop:
-                    checkpoints.save(step, state, {"data": source.get_state(), "config": to_dict(run)})
+                    checkpoints.save(step, state, {"data": batches.get_state(), "config": to_dict(run)})
                     last_saved = step
                 if at_log or stop:
                     last_record = log.write(step)

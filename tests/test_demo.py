@@ -23,5 +23,5 @@ def test_the_digits_become_a_pixel_cache_once(tmp_path):
     assert demo_cache(tmp_path / "digits", progress=False) == path
     assert (path / "manifest.json").stat().st_mtime_ns == stamp  # built once, then reused
 
-    x, y = CacheBatches(path, global_batch=32, seed=0, process_index=0, process_count=1).next()
-    assert x.shape == (32, DEMO_RESOLUTION, DEMO_RESOLUTION, 3) and set(y) <= set(range(10))
+    batch = CacheBatches(path, global_batch=32, seed=0, process_index=0, process_count=1).next()
+    assert batch.mean.shape == (32, 2, DEMO_RESOLUTION, DEMO_RESOLUTION, 3) and set(batch.label) <= set(range(10))

@@ -141,6 +141,17 @@ def test_scanned_blocks_equal_the_unrolled_loop():
     np.testing.assert_allclose(scanned(x, t, y), looped(x, t, y), rtol=1e-5, atol=1e-5)
 
 
+def test_auto_scans_the_blocks_on_the_cpu_and_writes_them_out_for_accelerators():
+    model = DiT(dataclasses.replace(TINY, depth=3, scan_blocks="auto"), rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    traced = jax.jit(lambda p, x, t, y: nnx.merge(graphdef, p)(x, t, y)).trace(params, *batch(TINY))
+    # Lowered, not compiled: a TPU and a GPU program can be written on this CPU host.
+    programs = {p: traced.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "tpu", "cuda")}
+    assert "stablehlo.while" in programs["cpu"]
+    assert "stablehlo.while" not in programs["tpu"] and "stablehlo.while" not in programs["cuda"]
+    assert model.cfg.blocks_scanned_on("cpu") and not model.cfg.blocks_scanned_on("tpu")
+
+
 def test_every_block_parameter_is_stacked_over_depth():
     cfg = dataclasses.replace(TINY, depth=3, adaln="shared", qk_norm=True)
     for _, leaf in nnx.to_flat_state(nnx.state(DiT(cfg, rngs=nnx.Rngs(0)).blocks, nnx.Param)):

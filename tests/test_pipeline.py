@@ -1,8 +1,11 @@
-"""The grain pipeline over the latent cache: order, sharding over processes, resume, fresh samples."""
+"""The input pipeline over the latent cache: order, sharding over processes, resume, and the latents the
+step draws from each batch."""
 
+import jax
 import numpy as np
 import pytest
 
+from dit.batches import latents_from_batch
 from dit.data import cache as latent_cache
 from dit.data.pipeline import CacheBatches, EpochOrder
 from dit.errors import UserError
@@ -17,7 +20,7 @@ def cache_dir(tmp_path_factory):
     for k, (start, stop) in enumerate(latent_cache.shard_ranges(N, 16)):
         ids = np.arange(start, stop)
         mean = np.stack([np.broadcast_to(ids[:, None, None, None], (len(ids), *SHAPE)),
-                         np.broadcast_to(-ids[:, None, None, None], (len(ids), *SHAPE))], 1).astype(np.float32)
+                         np.broadcast_to(-ids[:, None, None, None], (len(ids), *SHAPE))], 1).astype(np.float16)
         latent_cache.write_shard(out, k, latent_cache.Shard(
             mean, np.full_like(mean, 0.5), (ids % 5).astype(np.int32), ids.astype(np.int64), []))
     latent_cache.build_manifest(out, {"scale_factor": 2.0}, [str(c) for c in range(5)], {}, SHAPE,
@@ -25,91 +28,112 @@ def cache_dir(tmp_path_factory):
     return out
 
 
-def record_ids(x: np.ndarray) -> np.ndarray:
-    """Which record a latent came from: its scaled mean is +-2i, the noise, 0.5 x 2 x N(0, 1) per value,
-    averages to +-0.125 over the 64 values."""
-    return np.abs(np.round(x.reshape(len(x), -1).mean(1) / 2.0)).astype(int)
-
-
-def take(source, n):
+def batches(cache_dir, n, seed=3, **kwargs):
+    source = CacheBatches(cache_dir, 8, seed=seed, **{"process_index": 0, "process_count": 1, **kwargs})
     return [source.next() for _ in range(n)]
 
 
-def test_without_flips_every_read_is_the_unflipped_record_with_the_same_noise(cache_dir):
-    flipped = take(CacheBatches(cache_dir, global_batch=8, seed=3, process_index=0, process_count=1), 10)
-    plain = take(CacheBatches(cache_dir, global_batch=8, seed=3, process_index=0, process_count=1, flip=False), 10)
-    x = np.concatenate([x for x, _ in plain])
-    assert (np.sign(x.reshape(len(x), -1).mean(1))[record_ids(x) > 0] > 0).all()  # never the -i flipped mean
-    for (a, _), (b, _) in zip(flipped, plain):  # the same order and posterior noise: equal up to the flip
-        residual = lambda x: x - 2.0 * np.round(x.reshape(8, -1).mean(1) / 2.0)[:, None, None, None]
-        np.testing.assert_allclose(residual(a), residual(b), atol=1e-5)
+def joined(batches):
+    """The batches as one, rows in the order they were read."""
+    return type(batches[0])(*(np.concatenate(leaf) for leaf in zip(*batches)))
+
+
+draw = jax.jit(latents_from_batch)  # seed and scale traced: one compile per batch shape
+
+
+def assert_batches_equal(a, b):
+    for leaf_a, leaf_b in zip(a, b):
+        np.testing.assert_array_equal(leaf_a, leaf_b)
 
 
 def test_every_record_once_per_epoch_and_a_new_order_each_epoch(cache_dir):
-    source = CacheBatches(cache_dir, global_batch=8, seed=3, process_index=0, process_count=1)
-    epoch0 = np.concatenate([record_ids(x) for x, _ in take(source, 5)])
-    epoch1 = np.concatenate([record_ids(x) for x, _ in take(source, 5)])
-    assert sorted(epoch0) == list(range(N)) and sorted(epoch1) == list(range(N))
-    assert not np.array_equal(epoch0, epoch1)
+    read = batches(cache_dir, 10)
+    epoch0, epoch1 = joined(read[:5]), joined(read[5:])
+    assert sorted(epoch0.record) == list(range(N)) and sorted(epoch1.record) == list(range(N))
+    assert (epoch0.epoch == 0).all() and (epoch1.epoch == 1).all()
+    assert not np.array_equal(epoch0.record, epoch1.record)
 
 
-def test_labels_match_records_and_latents_are_scaled_fresh_samples(cache_dir):
-    source = CacheBatches(cache_dir, global_batch=8, seed=3, process_index=0, process_count=1)
-    xs, ys = zip(*take(source, 10))
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    assert x.dtype == np.float32 and y.dtype == np.int32 and x.shape == (80, *SHAPE)
-    np.testing.assert_array_equal(y, record_ids(x) % 5)
-    signs = np.sign(x.reshape(80, -1).mean(1))[record_ids(x) > 0]
-    assert (signs > 0).any() and (signs < 0).any()  # both flips are drawn
-    residual = x - 2.0 * np.round(x.reshape(80, -1).mean(1) / 2.0)[:, None, None, None]
-    assert 0.7 < residual.std() < 1.3  # scale 2 x std 0.5 x N(0, 1)
-    first, second = x[:40], x[40:]  # each record read once per epoch: the two reads differ
-    for i in range(N):
-        a, b = first[record_ids(first) == i], second[record_ids(second) == i]
-        assert not np.allclose(a, b)
+def test_each_row_holds_its_records_images_and_label(cache_dir):
+    batch = joined(batches(cache_dir, 5))
+    assert batch.mean.shape == batch.std.shape == (N, 2, *SHAPE) and batch.mean.dtype == np.float16
+    assert batch.label.dtype == batch.epoch.dtype == batch.record.dtype == np.int32
+    ids = batch.record[:, None, None, None]
+    np.testing.assert_array_equal(batch.mean[:, 0], np.broadcast_to(ids, (N, *SHAPE)))
+    np.testing.assert_array_equal(batch.mean[:, 1], np.broadcast_to(-ids, (N, *SHAPE)))
+    assert (batch.std == 0.5).all()
+    np.testing.assert_array_equal(batch.label, batch.record % 5)
+
+
+def test_without_flips_only_the_unflipped_image_is_read(cache_dir):
+    plain, flipped = joined(batches(cache_dir, 5, flip=False)), joined(batches(cache_dir, 5))
+    assert plain.mean.shape == (N, 1, *SHAPE)
+    np.testing.assert_array_equal(plain.mean[:, 0], flipped.mean[:, 0])
+    np.testing.assert_array_equal(plain.record, flipped.record)  # the same order
 
 
 def test_deterministic_for_a_seed_and_different_across_seeds(cache_dir):
-    a = take(CacheBatches(cache_dir, 8, seed=1, process_index=0, process_count=1), 3)
-    b = take(CacheBatches(cache_dir, 8, seed=1, process_index=0, process_count=1), 3)
-    c = take(CacheBatches(cache_dir, 8, seed=2, process_index=0, process_count=1), 3)
-    for (xa, ya), (xb, yb) in zip(a, b):
-        np.testing.assert_array_equal(xa, xb)
-        np.testing.assert_array_equal(ya, yb)
-    assert not all(np.array_equal(xa, xc) for (xa, _), (xc, _) in zip(a, c))
+    for a, b in zip(batches(cache_dir, 3, seed=1), batches(cache_dir, 3, seed=1)):
+        assert_batches_equal(a, b)
+    a, c = joined(batches(cache_dir, 3, seed=1)), joined(batches(cache_dir, 3, seed=2))
+    assert not np.array_equal(a.record, c.record)
 
 
 def test_two_processes_split_each_global_batch_disjointly(cache_dir):
-    whole = take(CacheBatches(cache_dir, 8, seed=5, process_index=0, process_count=1), 5)
-    parts = [take(CacheBatches(cache_dir, 8, seed=5, process_index=p, process_count=2), 5) for p in range(2)]
+    whole = batches(cache_dir, 5, seed=5)
+    parts = [batches(cache_dir, 5, seed=5, process_index=p, process_count=2) for p in range(2)]
     for step in range(5):
-        x0, y0 = parts[0][step]
-        x1, y1 = parts[1][step]
-        assert not set(record_ids(x0)) & set(record_ids(x1))
-        np.testing.assert_array_equal(np.concatenate([x0, x1]), whole[step][0])
-        np.testing.assert_array_equal(np.concatenate([y0, y1]), whole[step][1])
-    seen = np.concatenate([record_ids(x) for p in parts for x, _ in p])
-    assert sorted(seen) == list(range(N))  # together they cover the epoch
+        first, second = parts[0][step], parts[1][step]
+        assert len(first.record) == 4 and not set(first.record) & set(second.record)
+        assert_batches_equal(joined([first, second]), whole[step])
+    assert sorted(np.concatenate([b.record for p in parts for b in p])) == list(range(N))  # the epoch, together
 
 
 def test_resume_continues_at_the_exact_next_batch(cache_dir):
-    straight = take(CacheBatches(cache_dir, 8, seed=7, process_index=0, process_count=1), 8)
+    straight = batches(cache_dir, 8, seed=7)
     first = CacheBatches(cache_dir, 8, seed=7, process_index=0, process_count=1)
-    take(first, 3)
-    state = first.get_state()
+    for _ in range(3):
+        first.next()
     resumed = CacheBatches(cache_dir, 8, seed=7, process_index=0, process_count=1)
-    resumed.set_state(state)
-    for (x, y), (xs, ys) in zip(take(resumed, 5), straight[3:]):
-        np.testing.assert_array_equal(x, xs)
-        np.testing.assert_array_equal(y, ys)
+    resumed.set_state(first.get_state())
+    for expected in straight[3:]:
+        assert_batches_equal(resumed.next(), expected)
 
 
-def test_worker_processes_give_the_same_batches(cache_dir):
-    inline = take(CacheBatches(cache_dir, 8, seed=9, process_index=0, process_count=1), 4)
-    source = CacheBatches(cache_dir, 8, seed=9, process_index=0, process_count=1, workers=2)
-    for (x, y), (xi, yi) in zip(take(source, 4), inline):
-        np.testing.assert_array_equal(x, xi)
-        np.testing.assert_array_equal(y, yi)
+def noise_of(x, batch, scale=2.0, std=0.5):
+    """(the flip each latent shows, its N(0, 1) noise): x = (+-i + std * noise) * scale for record i, so the
+    nearest of +-i to its average is the image it was drawn from."""
+    ids = batch.record[:, None, None, None].astype(np.float32)
+    distance = lambda image: np.abs(x / scale - image).reshape(len(x), -1).mean(1)
+    flipped = distance(-ids) < distance(ids)
+    picked = np.where(flipped[:, None, None, None], -ids, ids)
+    return flipped, (x / scale - picked) / std
+
+
+def test_the_step_draws_scaled_posterior_samples_with_both_flips(cache_dir):
+    batch = joined(batches(cache_dir, 10))  # two epochs: every record twice
+    x, y = map(np.asarray, draw(batch, 0, 2.0))
+    assert x.dtype == np.float32 and x.shape == (2 * N, *SHAPE)
+    np.testing.assert_array_equal(y, batch.label)
+    flipped, noise = noise_of(x, batch)
+    assert 0.3 < flipped[batch.record > 0].mean() < 0.7  # each image about half the time
+    assert abs(noise.mean()) < 0.1 and 0.9 < noise.std() < 1.1 and np.abs(noise).max() < 6  # N(0, 1)
+    first, second = noise[:N], noise[N:]  # each record once per epoch: a fresh sample each time
+    for i in range(N):
+        assert not np.allclose(first[batch.record[:N] == i], second[batch.record[N:] == i])
+
+
+def test_the_draw_depends_on_seed_epoch_and_record_only_and_flips_keep_the_noise(cache_dir):
+    batch = joined(batches(cache_dir, 10))
+    x = np.asarray(draw(batch, 0, 2.0)[0])
+    moved = np.random.default_rng(0).permutation(2 * N)  # where a record sits in the batch does not matter
+    np.testing.assert_array_equal(np.asarray(draw(type(batch)(*(a[moved] for a in batch)), 0, 2.0)[0]), x[moved])
+    assert not np.allclose(np.asarray(draw(batch, 1, 2.0)[0]), x)  # another seed, other samples
+    plain = joined(batches(cache_dir, 10, flip=False))
+    flipped, noise = noise_of(x, batch)
+    never, plain_noise = noise_of(np.asarray(draw(plain, 0, 2.0)[0]), plain)
+    assert flipped.any() and not never[plain.record > 0].any()  # without flips, the unflipped image only
+    np.testing.assert_allclose(plain_noise, noise, atol=1e-5)  # with the same noise
 
 
 def test_epoch_order_drops_the_partial_batch_and_rejects_a_batch_larger_than_the_data():
@@ -165,23 +189,24 @@ def test_on_the_fly_images_are_cropped_flipped_encoded_and_resumable(tmp_path):
     make_class_folders(tmp_path / "images", classes=3, per_class=4, size=(24, 20))
     make = lambda: ImageBatches(tmp_path / "images", PixelAutoencoder(), 1.0, 8, global_batch=8, seed=1,
                                 process_index=0, process_count=1)
-    straight = take(make(), 4)
+    source = make()
+    straight = [source.next() for _ in range(4)]
     image_set = find_images(tmp_path / "images")
     crops = [load_image(path, 8).astype(np.float32) / 127.5 - 1 for path, _ in image_set.files]
-    x, y = straight[0]
-    assert x.shape == (8, 8, 8, 3) and y.dtype == np.int32
-    for image, label in zip(x, y):  # the pixel autoencoder returns each crop, or its mirror, exactly
-        match = [i for i, c in enumerate(crops) if np.allclose(image, c, atol=1e-6) or
-                 np.allclose(image, c[:, ::-1], atol=1e-6)]
-        assert match and image_set.files[match[0]][1] == label
-    resumed = make()
-    take(resumed, 2)
-    state = resumed.get_state()
+    batch = straight[0]
+    assert batch.mean.shape == batch.std.shape == (8, 1, 8, 8, 3) and (batch.std == 0).all()
+    assert batch.label.dtype == np.int32 and (batch.epoch == 0).all()
+    for image, label, record in zip(batch.mean[:, 0], batch.label, batch.record):
+        # The pixel autoencoder returns the record's crop, or its mirror, exactly.
+        crop = crops[record]
+        assert np.allclose(image, crop, atol=1e-6) or np.allclose(image, crop[:, ::-1], atol=1e-6)
+        assert image_set.files[record][1] == label
+    first = make()
+    first.next(), first.next()
     again = make()
-    again.set_state(state)
-    for (xa, ya), (xs, ys) in zip(take(again, 2), straight[2:]):
-        np.testing.assert_array_equal(xa, xs)
-        np.testing.assert_array_equal(ya, ys)
+    again.set_state(first.get_state())
+    for expected in straight[2:]:
+        assert_batches_equal(again.next(), expected)
 
 
 def test_the_on_the_fly_reader_decodes_a_large_jpeg_reduced_as_extraction_does(tmp_path, monkeypatch):

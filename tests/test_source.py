@@ -20,8 +20,8 @@ def test_images_on_the_fly_are_named_and_shaped_like_a_cache_of_them(tmp_path):
         found.check_model(ModelConfig(), "here")
     source = found.batches(data, TrainConfig(batch_size=8))
     assert isinstance(source, ImageBatches)
-    x, y = source.next()
-    assert x.shape == (8, 8, 8, 3) and y.shape == (8,)
+    batch = source.next()
+    assert batch.mean.shape == (8, 1, 8, 8, 3) and batch.label.shape == (8,)
 
 
 def test_a_cache_and_the_errors_that_name_the_fix(tmp_path):

@@ -1,12 +1,17 @@
-"""The training input pipeline: grain over the latent cache (or over images, encoded on the fly).
+"""The training input pipeline: batches read from the latent cache (or images encoded on the fly).
 
 The order is a pure function of (seed, batch number): epoch e visits the records in the permutation
 drawn from (seed, e); global batch b takes the next `global_batch` of them, and process p reads its
 slice of that batch. So every record is read once per epoch across all processes, one process and
 N processes train on the same global batches, and the iterator state is just the number of batches
-handed out: a resumed run continues at the exact next batch. Each read picks the flipped or unflipped
-latent and draws a fresh posterior sample from (seed, epoch, record), so no two epochs see the same
-latent. grain does the reading: worker processes, prefetching, batching.
+handed out: a resumed run continues at the exact next batch.
+
+A cache batch is one gather per shard from the memory-mapped arrays: the records' means and stds, both
+flips, with their (epoch, record) ids. The flip and the posterior sample are drawn on the device, in
+the training step, from (seed, epoch, record) (`dit.batches.latents_from_batch`), so no two epochs see
+the same latent. No per-record work is left on the host, so the cache path needs no worker processes:
+a thread reading ahead (`dit.batches.Prefetch`) keeps up. The image path decodes one file at a time,
+so grain runs it (worker processes, prefetching, batching).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dit.autoencoder import as_function
+from dit.batches import Batch, BatchFormat
 from dit.data.cache import LatentCache
 from dit.errors import UserError
 
@@ -27,7 +33,7 @@ STREAM_LENGTH = 2**40  # batches are indexed lazily; no run reads this far
 
 
 class EpochOrder:
-    """Which record process p reads at row r of its share of global batch b."""
+    """Which records process p reads in its share of global batch b."""
 
     def __init__(self, num_records: int, global_batch: int, seed: int, process_index: int = 0,
                  process_count: int = 1):
@@ -48,77 +54,48 @@ class EpochOrder:
                 self.num_records)
         return self._permutation
 
+    def batch(self, b: int) -> tuple[int, np.ndarray]:
+        """(epoch, records) of this process's rows of global batch b."""
+        epoch, k = divmod(int(b), self.batches_per_epoch)
+        start = k * self.global_batch + self.offset
+        return epoch, self.permutation(epoch)[start:start + self.local]
+
     def __call__(self, local_index: int) -> tuple[int, int]:
         """(epoch, record) of element `local_index` of this process's stream."""
         b, r = divmod(int(local_index), self.local)
-        epoch, k = divmod(b, self.batches_per_epoch)
-        return epoch, int(self.permutation(epoch)[k * self.global_batch + self.offset + r])
+        epoch, records = self.batch(b)
+        return epoch, int(records[r])
 
 
-class _ReadLatent:
-    """Stream element -> (latent, label): a random flip (if `flip`) and a fresh sample of the posterior, scaled."""
-
-    def __init__(self, cache: LatentCache, order: EpochOrder, flip: bool):
-        self.cache, self.order, self.flip = cache, order, flip
-
-    def __call__(self, local_index: int) -> tuple[np.ndarray, np.int32]:
-        epoch, record = self.order(local_index)
-        mean, std, label = self.cache.record(record)
-        rng = np.random.default_rng([self.order.seed, epoch, record])
-        flip = rng.integers(2) * self.flip  # drawn either way: the noise is the same with flips on or off
-        noise = rng.standard_normal(mean.shape[1:], dtype=np.float32)
-        latent = (mean[flip].astype(np.float32) + std[flip].astype(np.float32) * noise) * self.cache.scale_factor
-        return latent, np.int32(label)
+def _batch_ids(epoch: int, records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.full(len(records), epoch, np.int32), np.asarray(records, np.int32)
 
 
-class _GrainBatches:
-    """Batches of `element(local_index)` read by grain from batch `start` on; state = batches handed out."""
+class CacheBatches:
+    """This process's training batches from a latent cache, read a whole batch at a time: both flips of
+    each record (only the unflipped one with `flip=False`); state = batches handed out."""
 
-    def __init__(self, element, local_batch: int, workers: int):
-        self.element, self.local_batch, self.workers = element, local_batch, workers
+    def __init__(self, cache: LatentCache | str | Path, global_batch: int, seed: int, *,
+                 process_index: int | None = None, process_count: int | None = None, flip: bool = True):
+        cache = cache if isinstance(cache, LatentCache) else LatentCache(cache)
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+        self.cache, self.flip = cache, flip
+        self.order = EpochOrder(len(cache), global_batch, seed, process_index, process_count)
+        self.batch_format = BatchFormat(dtype=cache.dtype.name, flip=flip, scale_factor=cache.scale_factor)
         self.batches = 0
-        self._iterator = None
 
-    def _start(self):
-        import grain  # imported here so that the training core runs where grain is not installed
-        dataset = (grain.MapDataset.range(self.batches * self.local_batch, STREAM_LENGTH)
-                   .map(self.element).batch(self.local_batch, drop_remainder=True))
-        iterable = dataset.to_iter_dataset()
-        if self.workers > 0:
-            from absl import flags
-            if not flags.FLAGS.is_parsed():
-                # grain <= 0.2.18 reads an absl flag in its workers that only absl.app parses
-                # (google/grain#1355); with no absl.app here, the flags keep their defaults.
-                flags.FLAGS.mark_as_parsed()
-            iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
-        return iter(iterable)
-
-    def next(self):
-        if self._iterator is None:
-            self._iterator = self._start()
-        batch = next(self._iterator)
+    def next(self) -> Batch:
+        epoch, records = self.order.batch(self.batches)
+        mean, std, label = self.cache.read(records, flips=2 if self.flip else 1)
         self.batches += 1
-        return batch
+        return Batch(mean, std, label, *_batch_ids(epoch, records))
 
     def get_state(self) -> dict:
         return {"batches": self.batches}
 
     def set_state(self, state: dict) -> None:
-        self.batches, self._iterator = int(state["batches"]), None
-
-
-class CacheBatches(_GrainBatches):
-    """This process's training batches (x float32 NHWC, y int32) from a latent cache."""
-
-    def __init__(self, cache: LatentCache | str | Path, global_batch: int, seed: int, *,
-                 process_index: int | None = None, process_count: int | None = None, workers: int = 0,
-                 flip: bool = True):
-        cache = cache if isinstance(cache, LatentCache) else LatentCache(cache)
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-        self.cache = cache
-        self.order = EpochOrder(len(cache), global_batch, seed, process_index, process_count)
-        super().__init__(_ReadLatent(cache, self.order, flip), self.order.local, workers)
+        self.batches = int(state["batches"])
 
 
 class _ReadImage:
@@ -144,10 +121,12 @@ class _ReadImage:
         return (image[:, ::-1] if rng.integers(2) and self.flip else image), np.int32(label)
 
 
-class ImageBatches(_GrainBatches):
-    """The on-the-fly path, for users without a cache: images -> autoencoder -> scaled latents in the loop.
+class ImageBatches:
+    """The on-the-fly path, for users without a cache: images -> autoencoder -> the posterior's mean and
+    std, one flip per record chosen here (the step samples and scales it, as for a cache).
 
-    Encoding runs on this process's devices each step, so it costs far more than reading a cache.
+    grain reads the files (`workers` processes); encoding runs on this process's devices each batch, so
+    it costs far more than reading a cache. State = batches handed out.
     """
 
     def __init__(self, data: str | Path, autoencoder, scale_factor: float, resolution: int, global_batch: int,
@@ -159,8 +138,10 @@ class ImageBatches(_GrainBatches):
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
         self.order = EpochOrder(len(self.image_set), global_batch, seed, process_index, process_count)
-        super().__init__(_ReadImage(self.image_set, resolution, self.order, flip), self.order.local, workers)
+        self.read = _ReadImage(self.image_set, resolution, self.order, flip)
+        self.workers, self.batches, self._iterator = workers, 0, None
         self.num_classes = len(self.image_set.classes)
+        self.batch_format = BatchFormat(dtype="float32", flip=False, scale_factor=scale_factor)
         devices = jax.local_device_count()
         if self.order.local % devices:
             raise UserError(f"this process's batch {self.order.local} does not split over its {devices} devices.")
@@ -170,15 +151,37 @@ class ImageBatches(_GrainBatches):
         weights = jax.device_put(weights, NamedSharding(mesh, PartitionSpec()))
 
         @jax.jit
-        def encode(weights, images, key):
+        def encode(weights, images):
             mean, logvar = encode_fn(weights, images.astype(jnp.float32) / 127.5 - 1.0)
-            std = jnp.exp(0.5 * logvar)
-            return (mean + std * jax.random.normal(key, mean.shape)) * scale_factor
+            return mean[:, None], jnp.exp(0.5 * logvar)[:, None]  # axis 1: the one flip chosen
 
-        self._encode = lambda images, key: np.asarray(encode(weights, jax.device_put(images, sharded), key))
+        self._encode = lambda images: [np.asarray(a) for a in encode(weights, jax.device_put(images, sharded))]
 
-    def next(self):
-        images, labels = super().next()
-        key = jax.random.fold_in(jax.random.PRNGKey(self.order.seed), self.batches)
-        key = jax.random.fold_in(key, self.order.offset)  # processes encode different images
-        return self._encode(images, key), labels
+    def _start(self):
+        import grain  # imported here so that the training core runs where grain is not installed
+        dataset = (grain.MapDataset.range(self.batches * self.order.local, STREAM_LENGTH)
+                   .map(self.read).batch(self.order.local, drop_remainder=True))
+        iterable = dataset.to_iter_dataset()
+        if self.workers > 0:
+            from absl import flags
+            if not flags.FLAGS.is_parsed():
+                # grain <= 0.2.18 reads an absl flag in its workers that only absl.app parses
+                # (google/grain#1355); with no absl.app here, the flags keep their defaults.
+                flags.FLAGS.mark_as_parsed()
+            iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))
+        return iter(iterable)
+
+    def next(self) -> Batch:
+        if self._iterator is None:
+            self._iterator = self._start()
+        images, labels = next(self._iterator)
+        mean, std = self._encode(images)
+        epoch, records = self.order.batch(self.batches)
+        self.batches += 1
+        return Batch(mean, std, labels, *_batch_ids(epoch, records))
+
+    def get_state(self) -> dict:
+        return {"batches": self.batches}
+
+    def set_state(self, state: dict) -> None:
+        self.batches, self._iterator = int(state["batches"]), None

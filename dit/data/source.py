@@ -28,7 +28,7 @@ class TrainingData:
         from dit.autoencoder import on_the_fly_scale_factor
         from dit.data.pipeline import CacheBatches, ImageBatches
         if self.cache is not None:
-            return CacheBatches(self.cache, train.batch_size, train.seed, workers=data.workers, flip=data.flip)
+            return CacheBatches(self.cache, train.batch_size, train.seed, flip=data.flip)
         return ImageBatches(data.images, self.autoencoder, on_the_fly_scale_factor(data.vae), data.resolution,
                             train.batch_size, train.seed, workers=data.workers, flip=data.flip)
 
