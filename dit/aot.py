@@ -126,26 +126,28 @@ def evaluation_programs(run: RunConfig, mesh) -> dict:
     programs = {"network": sampling_program(run, mesh)}
     side = m.input_size
     if m.in_channels == VAEConfig.latent_channels:  # latents of the SD-VAE; 3 channels are pixels
-        graphdef, params = _abstract(lambda: AutoencoderKL(VAEConfig(), rngs=nnx.Rngs(0)), mesh)
+        vae_def, vae_params = _abstract(lambda: AutoencoderKL(VAEConfig(), rngs=nnx.Rngs(0)), mesh)
         latents = jax.ShapeDtypeStruct((n, side, side, m.in_channels), jnp.float32, sharding=sharded)
-        decode = lambda params, z: to_uint8(nnx.merge(graphdef, params).decode(z / SCALE_FACTOR))
-        programs["decode"] = jax.jit(decode), (params, latents)
+        decode = lambda params, z: to_uint8(nnx.merge(vae_def, params).decode(z / SCALE_FACTOR))
+        programs["decode"] = jax.jit(decode), (vae_params, latents)
         side *= 2 ** (len(VAEConfig.block_out_channels) - 1)
     if run.eval.metric == "fid":
-        graphdef, state = _abstract(lambda: InceptionV3(rngs=nnx.Rngs(0)), mesh)
+        inception_def, inception_state = _abstract(lambda: InceptionV3(rngs=nnx.Rngs(0)), mesh)
         images = jax.ShapeDtypeStruct((n, side, side, 3), jnp.uint8, sharding=sharded)
-        features = lambda state, images: nnx.merge(graphdef, state)(preprocess(images))[0]
-        programs["inception"] = jax.jit(features), (state, images)
+        features = lambda state, images: nnx.merge(inception_def, state)(preprocess(images))[0]
+        programs["inception"] = jax.jit(features), (inception_state, images)
     return programs
 
 
-def evaluation_report(run: RunConfig, mesh, cost_model: bool = True) -> dict:
+def evaluation_report(run: RunConfig, mesh, cost_model: bool = True, decode_and_embed: bool = True) -> dict:
     """Memory and cost-model time of each evaluation program, and the projected minutes of one
     evaluation of eval.num_samples samples (FID-10K for in100): batches x (steps x network + decode +
-    Inception), where the backend has a cost model."""
+    Inception), where the backend has a cost model. Without `decode_and_embed`, only the network's
+    program (the same VAE and Inception for every variant: minutes of compiling saved in a table)."""
     device = mesh.devices.flat[0]
     report, seconds = {}, {}
-    for name, (jitted, args) in evaluation_programs(run, mesh).items():
+    programs = evaluation_programs(run, mesh)
+    for name, (jitted, args) in (programs if decode_and_embed else {"network": programs["network"]}).items():
         try:
             compiled = jitted.lower(*args).compile()
             memory = StepMemory.of(compiled, device)
@@ -158,14 +160,14 @@ def evaluation_report(run: RunConfig, mesh, cost_model: bool = True) -> dict:
         report[f"eval_{name}_fits"] = memory.fits
         report[f"eval_{name}_ms"] = None if seconds[name] is None else 1000 * seconds[name]
     batches = math.ceil(run.eval.num_samples / run.eval.batch_size)
-    per_batch = (None if None in seconds.values() else
+    per_batch = (None if None in seconds.values() or not decode_and_embed else
                  run.eval.sampling_steps * seconds["network"] + sum(v for k, v in seconds.items() if k != "network"))
     return {**report, "eval_batch": run.eval.batch_size, "eval_samples": run.eval.num_samples,
             "eval_sampling_steps": run.eval.sampling_steps, "eval_cfg_scale": run.eval.cfg_scale,
             "eval_minutes": None if per_batch is None else batches * per_batch / 60}
 
 
-def compile_report(run: RunConfig, mesh, target: str, cost_model: bool = True) -> dict:
+def compile_report(run: RunConfig, mesh, target: str, cost_model: bool = True, decode_and_embed: bool = True) -> dict:
     """Memory, FLOPs and cost-model time per device of the run's training step (and of one sampling
     evaluation) compiled for the mesh, as one JSON-ready dict."""
     from dit.bench import peak_flops
@@ -199,7 +201,7 @@ def compile_report(run: RunConfig, mesh, target: str, cost_model: bool = True) -
         else:  # already written out: the program that runs is the one timed
             seconds = cost_model_seconds(compiled.step)
     peak = peak_flops(device.device_kind, getattr(device, "num_cores", 1))
-    evaluation = evaluation_report(run, mesh, cost_model)
+    evaluation = evaluation_report(run, mesh, cost_model, decode_and_embed)
     gb = lambda b: None if b is None else b / 1e9
     return {
         "target": target, "device_kind": device.device_kind, "devices": devices, "variant": run.variant,

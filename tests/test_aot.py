@@ -12,7 +12,7 @@ import jax
 import pytest
 
 from ablations.presets import smoke
-from dit.aot import program_flops, written_out
+from dit.aot import evaluation_programs, program_flops, written_out
 from dit.config import RunConfig
 from dit.counting import count_gflops
 from dit.mesh import data_mesh
@@ -58,7 +58,7 @@ def test_compile_for_a_tpu_v3_8_reports_memory_flops_and_cost_model():
 
 
 def test_a_step_larger_than_the_device_is_reported_as_not_fitting():
-    out = compile_json("--topology", "v3-8", "--no-cost-model", env={"DIT_DEVICE_MEMORY_GB": "0.0001"})
+    out = compile_json("--topology", "v3-8", "--no-cost-model", "--step-only", env={"DIT_DEVICE_MEMORY_GB": "0.0001"})
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout)
     assert r["fits"] is False and r["capacity_gb"] == pytest.approx(0.0001) and r["memory_gb"] > 0.0001
@@ -100,3 +100,17 @@ def test_flops_count_every_loop_iteration(overrides):
     unrolled = program_flops(*training_program(written_out(run), make_objective(run), mesh, k, unroll=True), devices=1)
     assert scanned == unrolled
     assert scanned == pytest.approx(training_flops_per_image(run) * run.train.batch_size, rel=0.03)
+
+
+def test_evaluation_programs_sample_decode_and_embed_one_batch():
+    # A latent model with FID: the guided network, the SD-VAE decode and the Inception, each lowered for
+    # the batch (compiling the VAE and the Inception is left to dit.bench compile: it takes minutes here).
+    run = smoke(RunConfig(variant="baseline", model=resolve("baseline")))
+    run = dataclasses.replace(run, model=dataclasses.replace(run.model, in_channels=4),
+                              eval=dataclasses.replace(run.eval, metric="fid", batch_size=2))
+    programs = evaluation_programs(run, data_mesh(jax.devices()[:2]))
+    assert list(programs) == ["network", "decode", "inception"]
+    shapes = {name: jitted.eval_shape(*args) for name, (jitted, args) in programs.items()}
+    assert shapes["network"].shape == (2, 8, 8, 8)  # learned sigma: twice the latent channels
+    assert shapes["decode"].shape == (2, 64, 64, 3) and shapes["decode"].dtype == jax.numpy.uint8
+    assert shapes["inception"].shape == (2, 2048)

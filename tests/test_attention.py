@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dit.attention import SelfAttention, apply_rope, blockwise_attention, dense_attention, rope_2d_angles
+from dit.attention import (SelfAttention, apply_rope, blockwise_attention, dense_attention, flash_dense_attention,
+                           heads_first_attention, rope_2d_angles)
 
 
 def numpy_attention(x, wqkv, bqkv, wproj, bproj, heads):
@@ -81,6 +82,25 @@ def linear_functional_grads(fn, q, k, v, cotangent):
     return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cotangent), argnums=(0, 1, 2))(q, k, v)
 
 
+def test_the_two_dense_implementations_agree_forward_and_backward():
+    # dense_attention runs heads_first_attention on the CPU and flash_dense_attention on accelerators;
+    # both are plain JAX, so both are checked here.
+    q, k, v, cotangent = random_qkv(37)
+    reference = numpy_softmax_attention(*(np.asarray(a, np.float64) for a in (q, k, v)))
+    for fn in (heads_first_attention, flash_dense_attention, dense_attention):
+        np.testing.assert_allclose(fn(q, k, v), reference, rtol=1e-5, atol=1e-5)
+    expected = linear_functional_grads(heads_first_attention, q, k, v, cotangent)
+    for g, e in zip(jax.jit(lambda *a: linear_functional_grads(flash_dense_attention, *a))(q, k, v, cotangent),
+                    expected):
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
+def numpy_softmax_attention(q, k, v):
+    s = np.einsum("bqhd,bkhd->bhqk", q, k)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
+
+
 # 37 is not a multiple of any block size; 8 and 64 >= T cover a single (clamped) block.
 @pytest.mark.parametrize("t", [8, 16, 37])
 @pytest.mark.parametrize("block_size", [4, 8, 64])
@@ -122,14 +142,15 @@ def test_self_attention_blockwise_matches_dense_with_rope_and_qk_norm():
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fn", [blockwise(8), flash_dense_attention], ids=["blockwise", "flash_dense"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-def test_blockwise_low_precision_is_close_to_dense(dtype):
+def test_low_precision_is_close_to_dense(dtype, fn):
     q, k, v, cotangent = random_qkv(37, dtype)
-    out = blockwise(8)(q, k, v)
+    out = fn(q, k, v)
     assert out.dtype == dtype
     expected = dense_attention(q, k, v).astype(jnp.float32)
     assert jnp.linalg.norm(out.astype(jnp.float32) - expected) / jnp.linalg.norm(expected) < 2e-2
-    grads = linear_functional_grads(blockwise(8), q, k, v, cotangent)
+    grads = linear_functional_grads(fn, q, k, v, cotangent)
     for g, e in zip(grads, linear_functional_grads(dense_attention, q, k, v, cotangent)):
         assert g.dtype == dtype
         g, e = g.astype(jnp.float32), e.astype(jnp.float32)
