@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dit.attention import key_blocks_written_out
 from dit.config import RunConfig
 from dit.counting import product_macs
 from dit.errors import UserError
@@ -83,7 +84,8 @@ def _refused(error: DoesNotFit, jitted, args, device) -> StepMemory:
 
 
 def written_out(run: RunConfig) -> RunConfig:
-    """The same run with its model's loops written out (blocks unrolled), for XLA's cost model."""
+    """The same run with its blocks written out, for XLA's cost model (which counts a loop's body once;
+    trace it within dit.attention.key_blocks_written_out for blockwise attention's loops)."""
     return dataclasses.replace(run, model=dataclasses.replace(run.model, scan_blocks=False))
 
 
@@ -114,12 +116,17 @@ def _abstract(module, mesh):
     return graphdef, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)), state)
 
 
+def cost_model_bytes(compiled) -> float:
+    """The bytes a compiled program reads and writes per device by XLA's cost analysis ("bytes accessed")."""
+    return float((compiled.cost_analysis() or {}).get("bytes accessed", 0.0))
+
+
 def evaluation_programs(run: RunConfig, mesh) -> dict:
     """The programs of one evaluation batch (eval.batch_size samples), name -> (jitted, args): the guided
     network evaluation (run eval.sampling_steps times), the SD-VAE decode to uint8 images (latent models),
     and the FID Inception's features (eval.metric fid)."""
     from dit.eval.inception import InceptionV3, preprocess
-    from dit.sample import to_uint8
+    from dit.sample import decode_in_chunks
     from dit.vae import SCALE_FACTOR, AutoencoderKL, VAEConfig
 
     m, n, sharded = run.model, run.eval.batch_size, batch_sharded(mesh)
@@ -128,7 +135,8 @@ def evaluation_programs(run: RunConfig, mesh) -> dict:
     if m.in_channels == VAEConfig.latent_channels:  # latents of the SD-VAE; 3 channels are pixels
         vae_def, vae_params = _abstract(lambda: AutoencoderKL(VAEConfig(), rngs=nnx.Rngs(0)), mesh)
         latents = jax.ShapeDtypeStruct((n, side, side, m.in_channels), jnp.float32, sharding=sharded)
-        decode = lambda params, z: to_uint8(nnx.merge(vae_def, params).decode(z / SCALE_FACTOR))
+        vae_decode = lambda params, z: nnx.merge(vae_def, params).decode(z / SCALE_FACTOR)
+        decode = lambda params, z: decode_in_chunks(vae_decode, params, z, mesh.devices.size)
         programs["decode"] = jax.jit(decode), (vae_params, latents)
         side *= 2 ** (len(VAEConfig.block_out_channels) - 1)
     if run.eval.metric == "fid":
@@ -156,6 +164,10 @@ def evaluation_report(run: RunConfig, mesh, cost_model: bool = True, decode_and_
             if "RESOURCE_EXHAUSTED" not in str(error):
                 raise
             memory, seconds[name] = _refused(DoesNotFit(str(error)), jitted, args, device), None
+        if name == "network" and seconds[name] is not None and run.model.attention_kind == "blockwise":
+            with key_blocks_written_out():  # a fresh program, traced with the key-block loops written out
+                unrolled, unrolled_args = sampling_program(run, mesh)
+                seconds[name] = cost_model_seconds(unrolled.lower(*unrolled_args).compile())
         report[f"eval_{name}_memory_gb"] = memory.total / 1e9
         report[f"eval_{name}_fits"] = memory.fits
         report[f"eval_{name}_ms"] = None if seconds[name] is None else 1000 * seconds[name]
@@ -193,13 +205,15 @@ def compile_report(run: RunConfig, mesh, target: str, cost_model: bool = True, d
     jitted, args = training_program(run, objective, mesh, grad_accum)
     flops = program_flops(jitted, args, devices)
     scanned = run.model.blocks_scanned_on(device.platform)
-    seconds = None
+    timed = None
     if cost_model and compiled is not None and cost_model_seconds(compiled.step) is not None:
-        if scanned or grad_accum > 1:
-            unrolled, unrolled_args = training_program(written_out(run), objective, mesh, grad_accum, unroll=True)
-            seconds = cost_model_seconds(unrolled.lower(*unrolled_args).compile())
+        if scanned or grad_accum > 1 or run.model.attention_kind == "blockwise":
+            with key_blocks_written_out():
+                unrolled, unrolled_args = training_program(written_out(run), objective, mesh, grad_accum, unroll=True)
+                timed = unrolled.lower(*unrolled_args).compile()
         else:  # already written out: the program that runs is the one timed
-            seconds = cost_model_seconds(compiled.step)
+            timed = compiled.step
+    seconds = None if timed is None else cost_model_seconds(timed)
     peak = peak_flops(device.device_kind, getattr(device, "num_cores", 1))
     evaluation = evaluation_report(run, mesh, cost_model, decode_and_embed)
     gb = lambda b: None if b is None else b / 1e9
@@ -216,6 +230,7 @@ def compile_report(run: RunConfig, mesh, target: str, cost_model: bool = True, d
         "refused": None if refusal is None else str(refusal),
         "flops_per_step": flops,
         "cost_model_ms": None if seconds is None else 1000 * seconds,
+        "cost_model_gb_moved": None if seconds is None else cost_model_bytes(timed) / 1e9,
         "img_per_s": None if seconds is None else run.train.batch_size / seconds,
         "mfu": None if seconds is None or peak is None else flops / seconds / peak,
         "projected_run_hours": None if seconds is None else run.train.steps * seconds / 3600,

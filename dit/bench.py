@@ -330,7 +330,8 @@ def _print_compile(r: dict) -> None:
         print("  XLA's cost model: none on this backend")
     else:
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        print(f"  XLA's cost model: {r['cost_model_ms']:.1f} ms per step, {r['img_per_s']:.0f} img/s, MFU {mfu}; "
+        print(f"  XLA's cost model: {r['cost_model_ms']:.1f} ms per step ({r['cost_model_gb_moved']:.1f} GB moved "
+              f"per device), {r['img_per_s']:.0f} img/s, MFU {mfu}; "
               f"{r['steps']:,} steps in {r['projected_run_hours']:.1f} h")
         if r["blocks"] == "scanned":  # the model counts a loop body once, so it times the written-out program
             print("  (that time is of the blocks written out; the scanned program compiled here is slower)")

@@ -11,7 +11,9 @@ from PIL import Image
 
 from dit.config import EvalConfig, TrainConfig
 from dit.diffusion import create_diffusion
-from dit.sample import Samples, balanced_labels, generate, generate_shares, make_sampler, save_grid, save_npz, to_uint8
+from dit.mesh import batch_sharded, data_mesh
+from dit.sample import (DECODE_ROWS_PER_DEVICE, Samples, balanced_labels, decode_in_chunks, generate, generate_shares,
+                        make_sampler, save_grid, save_npz, to_uint8)
 from tests.helpers import TINY, randomized
 
 EVAL = EvalConfig(num_samples=12, sampling_steps=5, batch_size=8)
@@ -72,6 +74,22 @@ def test_samplers_guidance_and_its_interval_change_the_samples(model, sampler):
     images = generate(graphdef, params, TINY, train, dataclasses.replace(EVAL, sampler=sampler), seed=0,
                       decoder=Shrink(), progress=False)
     assert images.shape == (12, 8, 8, 4)
+
+
+@pytest.mark.parametrize("rows", [8, 40, 128])  # 1, 5 and 16 rows a device: one chunk, 5 of 1, 2 of 8
+def test_decoding_in_chunks_equals_decoding_the_batch_and_keeps_rows_in_place(rows):
+    mesh = data_mesh()
+    latents = jax.device_put(jax.random.normal(jax.random.key(0), (rows, 4, 4, 3)), batch_sharded(mesh))
+    seen = []
+
+    def decode(weight, z):  # rows mixed with nothing but themselves, as a decoder's
+        seen.append(z.shape[0])
+        return jnp.tanh(weight * z + z.mean(axis=(1, 2, 3), keepdims=True))
+
+    images = jax.jit(lambda z: decode_in_chunks(decode, 0.7, z, mesh.devices.size))(latents)
+    np.testing.assert_array_equal(images, to_uint8(decode(0.7, latents)))
+    assert max(seen[:-1]) <= DECODE_ROWS_PER_DEVICE * mesh.devices.size
+    assert images.sharding.is_equivalent_to(batch_sharded(mesh), images.ndim)
 
 
 def test_balanced_labels():
