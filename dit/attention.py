@@ -50,6 +50,11 @@ def apply_rope(x: jax.Array, angles: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
 
+def _logits_dtype(q: jax.Array):
+    """The dtype the q.k product is rounded to before the float32 softmax (see _logits)."""
+    return jnp.bfloat16 if q.dtype == jnp.bfloat16 else jnp.float32
+
+
 def _logits(q: jax.Array, k: jax.Array, valid: jax.Array | None = None) -> jax.Array:
     """(B, Tq, H, D) x (B, Tk, H, D) -> float32 (B, H, Tq, Tk); invalid keys at -inf.
 
@@ -60,8 +65,7 @@ def _logits(q: jax.Array, k: jax.Array, valid: jax.Array | None = None) -> jax.A
     ends at loss 0.2609 against 0.2602 and fd_digits 10.5 against 10.8. float16 keeps float32 logits (its
     range ends at 65504).
     """
-    logits_dtype = jnp.bfloat16 if q.dtype == jnp.bfloat16 else jnp.float32
-    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=logits_dtype).astype(jnp.float32)
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=_logits_dtype(q)).astype(jnp.float32)
     return s if valid is None else jnp.where(valid, s, -jnp.inf)
 
 
@@ -102,8 +106,7 @@ def dense_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 def heads_first_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     """dense_attention with (B, H, T, D) products and autodiff's backward, which keeps the weights."""
     q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-    logits_dtype = jnp.bfloat16 if q.dtype == jnp.bfloat16 else jnp.float32  # as _logits
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=logits_dtype).astype(jnp.float32)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=_logits_dtype(q)).astype(jnp.float32)
     # Named so that the scanned blocks' remat policy keeps them (in the compute dtype).
     weights = checkpoint_name(jax.nn.softmax(logits, axis=-1).astype(v.dtype), "attention_weights")
     return jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)

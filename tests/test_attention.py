@@ -15,11 +15,15 @@ def numpy_attention(x, wqkv, bqkv, wproj, bproj, heads):
     b, t, d = x.shape
     hd = d // heads
     qkv = (x @ wqkv + bqkv).reshape(b, t, 3, heads, hd)
-    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-    s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hd)
+    q, k, v = (qkv[:, :, i] for i in range(3))
+    return numpy_softmax_attention(q / np.sqrt(hd), k, v).reshape(b, t, d) @ wproj + bproj
+
+
+def numpy_softmax_attention(q, k, v):
+    """(B, T, H, D) softmax attention with q pre-scaled, as dense_attention takes it."""
+    s = np.einsum("bqhd,bkhd->bhqk", q, k)
     p = np.exp(s - s.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    return (p @ v).transpose(0, 2, 1, 3).reshape(b, t, d) @ wproj + bproj
+    return np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
 
 
 def test_attention_matches_numpy():
@@ -94,11 +98,6 @@ def test_the_two_dense_implementations_agree_forward_and_backward():
                     expected):
         np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
 
-
-def numpy_softmax_attention(q, k, v):
-    s = np.einsum("bqhd,bkhd->bhqk", q, k)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    return np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
 
 
 # 37 is not a multiple of any block size; 8 and 64 >= T cover a single (clamped) block.
