@@ -2,7 +2,12 @@
 
 Rows are only ever appended. Each call writes its rows with one `os.write` on an `O_APPEND` file while
 holding an exclusive `flock` on `leaderboard.csv.lock`, then fsyncs, so concurrent writers never
-interleave and existing bytes are never rewritten.
+interleave and existing bytes are never rewritten. The one exception: a file written before the sweep
+columns existed (`LEGACY_COLUMNS`) is read as it is, and rewritten once, atomically and under the lock,
+with the new columns when a row is next appended to it (its rows kept, `source` train, the rest empty).
+
+`source` tells a training-time evaluation (`train`, ablations/run.py) from one of a saved checkpoint
+(`sweep`, `python -m dit.eval.fid --run ... --cfg-scale ...`).
 """
 
 from __future__ import annotations
@@ -13,23 +18,35 @@ import fcntl
 import io
 import numbers
 import os
+import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dit.errors import UserError
 
-COLUMNS = (
+if TYPE_CHECKING:
+    from dit.config import RunConfig
+
+# The columns of files written before guidance sweeps; such files are read as they are (see the docstring).
+LEGACY_COLUMNS = (
     "date", "run_id", "variant", "params", "gflops", "preset", "dataset", "resolution", "objective", "sampler",
     "sampling_steps", "cfg_scale", "step", "batch_size", "metric", "value", "num_samples", "seed", "img_per_s",
     "hardware", "git_commit",
 )
-INT_COLUMNS = ("params", "resolution", "sampling_steps", "step", "batch_size", "num_samples", "seed")
-FLOAT_COLUMNS = ("gflops", "cfg_scale", "value", "img_per_s")
+COLUMNS = LEGACY_COLUMNS + ("source", "guided_channels", "guidance_low", "guidance_high", "timestep_shift",
+                            "reference_sha256")
+INT_COLUMNS = ("params", "resolution", "sampling_steps", "step", "batch_size", "num_samples", "seed",
+               "guided_channels")
+FLOAT_COLUMNS = ("gflops", "cfg_scale", "value", "img_per_s", "guidance_low", "guidance_high", "timestep_shift")
 # A row without these cannot be grouped, compared or traced back to its run; the rest may be None.
-REQUIRED = ("date", "run_id", "variant", "dataset", "resolution", "metric", "value", "step", "num_samples", "seed")
+REQUIRED = ("date", "run_id", "variant", "dataset", "resolution", "metric", "value", "step", "num_samples", "seed",
+            "source")
+SOURCES = ("train", "sweep")  # evaluated during training, or later from a saved checkpoint
 
-DEFAULT_PATH = Path(__file__).resolve().parents[1] / "results" / "leaderboard.csv"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_PATH = REPO / "results" / "leaderboard.csv"
 LOCK_TIMEOUT_S = 60.0
 
 
@@ -38,11 +55,34 @@ def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def git_commit() -> str:
+    """The commit the code ran at, with '-dirty' when the code differs from it (results/, which runs
+    themselves write to, does not count)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                ":(exclude)results"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def setting_columns(run: RunConfig) -> dict:
+    """The sampling recipe of an evaluation as leaderboard columns, for the training loop's rows and sweeps alike."""
+    from dit.sample import sampler_name  # JAX: only writers call this, never the analysis that imports this file
+    cfg = run.eval
+    return {"objective": run.train.objective, "sampler": sampler_name(run.train, cfg),
+            "sampling_steps": cfg.sampling_steps, "cfg_scale": cfg.cfg_scale, "guided_channels": cfg.guided_channels,
+            "guidance_low": cfg.guidance_low, "guidance_high": cfg.guidance_high, "timestep_shift": cfg.timestep_shift}
+
+
 def _cell(column: str, value: object) -> str:
     """One value as its CSV text; numbers in a fixed, lossless, locale-free form."""
-    if value is None:
+    if value is None or value == "":  # "": an empty cell read back
         if column in REQUIRED:
-            raise ValueError(f"leaderboard column {column!r} is required but is None")
+            raise ValueError(f"leaderboard column {column!r} is required but is {value!r}")
         return ""
     if column in INT_COLUMNS or column in FLOAT_COLUMNS:
         kind = int if column in INT_COLUMNS else float
@@ -58,6 +98,8 @@ def _cell(column: str, value: object) -> str:
         # float.__repr__ is the shortest text that reads back to the same double (numpy's repr is not).
         return str(int(value)) if kind is int else float.__repr__(float(value))
     text = str(value)
+    if column == "source" and text not in SOURCES:
+        raise ValueError(f"leaderboard column 'source' holds {text!r}, not one of {', '.join(SOURCES)}")
     if "\n" in text or "\r" in text:
         raise ValueError(f"leaderboard column {column!r} holds a line break: {text!r}")
     if not text and column in REQUIRED:
@@ -84,8 +126,8 @@ def format_rows(rows: list[dict], header: bool = False) -> bytes:
     return buffer.getvalue().encode("utf-8")
 
 
-def _check_header(path: Path, header: list[str], consequence: str) -> None:
-    if tuple(header) == COLUMNS:
+def _check_header(path: Path, header: list[str], consequence: str, legacy_ok: bool) -> None:
+    if tuple(header) == COLUMNS or legacy_ok and tuple(header) == LEGACY_COLUMNS:
         return
     missing = [c for c in COLUMNS if c not in header]
     unknown = [c for c in header if c not in COLUMNS]
@@ -129,6 +171,8 @@ def append_rows(rows: list[dict], path: Path | str = DEFAULT_PATH, timeout_s: fl
     path.parent.mkdir(parents=True, exist_ok=True)
     lock_fd = _lock(path.with_name(path.name + ".lock"), timeout_s)
     try:
+        if _header(path) == LEGACY_COLUMNS:  # once per file, before its first row of today's columns
+            _upgrade(path)
         created = not path.exists()
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
         try:
@@ -138,7 +182,7 @@ def append_rows(rows: list[dict], path: Path | str = DEFAULT_PATH, timeout_s: fl
             else:
                 first_line = os.pread(fd, 64 * 1024, 0).split(b"\n", 1)[0].decode("utf-8", errors="replace")
                 _check_header(path, next(csv.reader([first_line]), []),
-                              "rows were not appended and the file was left as it is")
+                              "rows were not appended and the file was left as it is", legacy_ok=False)
                 # A writer killed mid-write can leave a partial last line: start ours on a fresh line so it
                 # is never glued to it (the reader then reports that line for deletion).
                 data = body if os.pread(fd, 1, size - 1) == b"\n" else b"\n" + body
@@ -153,35 +197,70 @@ def append_rows(rows: list[dict], path: Path | str = DEFAULT_PATH, timeout_s: fl
         finally:
             os.close(fd)
         if created:  # make the new file's directory entry durable too
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            _fsync_folder(path.parent)
     finally:
         os.close(lock_fd)  # closing the descriptor releases the flock
 
 
+def _fsync_folder(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _header(path: Path) -> tuple[str, ...] | None:
+    """The file's header row, or None when it is absent or empty."""
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    with open(path, newline="", encoding="utf-8", errors="replace") as file:
+        return tuple(next(csv.reader([file.readline()]), []))
+
+
+def _upgrade(path: Path) -> None:
+    """Rewrites a LEGACY_COLUMNS file with today's columns, every row kept (as `read_rows` reads it), by an
+    atomic rename; the caller holds the lock, so no append can fall between the read and the rename."""
+    body = format_rows(read_rows(path), header=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.upgrade")
+    try:
+        with open(temporary, "wb") as file:
+            file.write(body)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    _fsync_folder(path.parent)
+
+
 def read_rows(path: Path | str = DEFAULT_PATH) -> list[dict[str, str]]:
-    """Every row as a dict of strings ([] if the file is missing or empty); UserError if it is malformed."""
+    """Every row as a dict of strings with every column of COLUMNS ([] if the file is missing or empty); rows of
+    a LEGACY_COLUMNS file come with `source` train, `timestep_shift` 0 and the other new columns empty. UserError if
+    malformed."""
     path = Path(path)
     if not path.exists() or path.stat().st_size == 0:
         return []
     with open(path, newline="", encoding="utf-8") as file:
         lines = csv.reader(file)
         try:
-            _check_header(path, next(lines), "it cannot be read as a leaderboard")
+            header = next(lines)
+            _check_header(path, header, "it cannot be read as a leaderboard", legacy_ok=True)
+            missing = {column: "" for column in COLUMNS[len(header):]}
+            if missing:
+                missing["source"] = "train"  # only the training loop wrote rows before sweeps existed
+                missing["timestep_shift"] = "0"  # nor could the sampler shift its time grid
             rows = []
             for fields in lines:
                 if not fields:  # a blank line holds no row
                     continue
-                if len(fields) != len(COLUMNS):
+                if len(fields) != len(header):
                     raise UserError(
                         f"{path}, line {lines.line_num}: {len(fields)} fields where the header has "
-                        f"{len(COLUMNS)} (a partial row from an interrupted write, or a hand edit): "
+                        f"{len(header)} (a partial row from an interrupted write, or a hand edit): "
                         f"{','.join(fields)[:120]!r}. Delete or repair that line."
                     )
-                rows.append(dict(zip(COLUMNS, fields)))
+                rows.append({**dict(zip(header, fields)), **missing})
         except (UnicodeDecodeError, csv.Error) as error:
             raise UserError(f"{path} is not a readable CSV file ({error}); repair it or pass another path.") from None
     return rows

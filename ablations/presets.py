@@ -1,8 +1,12 @@
 """Presets: small functions that take a resolved RunConfig and return it set up for one purpose.
 
-`in100` is the paper's recipe at full size; `demo` and `smoke` keep the variant's features but shrink
-width, depth and schedule so that any variant runs on a CPU in minutes or seconds. The parameter
-budget is always checked on the variant at full DiT-S size, never on a shrunk preset.
+A preset is a data size (ImageNet-100 at full DiT-S size, or the built-in digits shrunk to minutes)
+with a training recipe: `paper` (DiT's, 2022) or `flow_repa` (the newer additions, each with its
+source). `in100` is the paper's recipe at full size and `in100_flow_repa` the newer one; `demo_paper`
+and `demo_flow_repa` are the same two recipes at demo size, for comparing them on a CPU. `demo` and
+`smoke` keep the variant's features but shrink width, depth and schedule so that any variant runs on
+a CPU in minutes or seconds. The parameter budget is always checked on the variant at full DiT-S
+size, never on a shrunk preset.
 """
 
 from __future__ import annotations
@@ -26,10 +30,41 @@ def _shrink(config: RunConfig, *, model: dict, train: dict, eval: dict, data: di
     )
 
 
+# The DiT paper's recipe: DDPM with learned sigma, AdamW 1e-4 (betas 0.9, 0.999), 250 DDPM steps, guidance on
+# the first 3 latent channels at every noise level (TrainConfig's and EvalConfig's defaults).
+PAPER_TRAIN: dict = dict(objective="ddpm", time_sampling="uniform", beta2=0.999, cosine_loss=0.0, grad_clip=0.0)
+PAPER_EVAL: dict = dict(sampler="", guided_channels=3, guidance_low=0.0, guidance_high=1.0, timestep_shift=0.0)
+
+# The newer recipe, each setting with its source:
+FLOW_REPA_TRAIN: dict = dict(
+    objective="flow",  # SiT's linear interpolant and velocity (SiT-S/2: FID-50K 57.6 against DiT-S/2's 68.4)
+    time_sampling="logit_normal",  # SD3, LightningDiT (XL/2 at 400K: FID 16.6 -> 14.0)
+    cosine_loss=1.0,  # LightningDiT's velocity-direction loss, weight 1 (14.0 -> 12.5)
+    beta2=0.95,  # LightningDiT's AdamW beta2. Its lr 2e-4 goes with batch 1024; at batch 256 we keep 1e-4, as SiT and REPA
+    # REPA: the tokens after block 4 of 12 aligned with DINOv2-B features, weight 0.5 (SiT-B/2 at 400K: FID
+    # 33.0 -> 24.4). Needs a cache extracted with --repa-encoder; REPA trains without flips.
+    repa_weight=0.5, repa_block=0,
+    # REPA's gradient clipping (train.py: --max-grad-norm 1.0). It also tames the velocity-direction term's
+    # first gradient: at the zero-initialised output its cosine is 0/eps, so the gradient is about 1e8.
+    grad_clip=1.0,
+)
+FLOW_REPA_EVAL: dict = dict(
+    sampler="euler", timestep_shift=0.3,  # LightningDiT's sampler: Euler, 250 steps, time shift 0.3
+    guided_channels=0,  # guidance on every latent channel, as SiT, REPA and LightningDiT's released sampling
+    guidance_low=0.0, guidance_high=0.89,  # LightningDiT's cfg_interval_start 0.11: no guidance near pure noise
+)
+
+
 def in100(config: RunConfig) -> RunConfig:
     """DiT-S recipe on the ImageNet-100 latent cache: AdamW 1e-4, batch 256, 400K steps, FID-10K every 50K."""
-    return _shrink(config, model={}, train={}, eval=dict(reference="data/imagenet100-ref256.npz"),
+    return _shrink(config, model={}, train=PAPER_TRAIN, eval=dict(PAPER_EVAL, reference="data/imagenet100-ref256.npz"),
                    data=dict(cache="data/imagenet100-latents"))
+
+
+def in100_flow_repa(config: RunConfig) -> RunConfig:
+    """The newer recipe on the ImageNet-100 latent cache (with REPA targets), at in100's size, batch and steps."""
+    return _shrink(in100(config), model={}, train=FLOW_REPA_TRAIN, eval=FLOW_REPA_EVAL,
+                   data=dict(cache="data/imagenet100-latents-repa", flip=False))
 
 
 def demo(config: RunConfig) -> RunConfig:
@@ -50,6 +85,16 @@ def demo(config: RunConfig) -> RunConfig:
         # No flips: a mirrored digit is not a digit (DiT flips ImageNet, where a mirror image is the same class).
         data=dict(cache=f"{DEMO_ROOT}/cache-8", flip=False),
     )
+
+
+def demo_paper(config: RunConfig) -> RunConfig:
+    """`demo` with the paper's recipe: DDPM, the DDPM sampler (50 steps), guidance on 3 channels, beta2 0.999."""
+    return _shrink(demo(config), model={}, train=PAPER_TRAIN, eval=PAPER_EVAL)
+
+
+def demo_flow_repa(config: RunConfig) -> RunConfig:
+    """`demo` with the newer recipe (FLOW_REPA_*), but no REPA term: DINOv2 features of 8x8 digits mean nothing."""
+    return _shrink(demo(config), model={}, train=dict(FLOW_REPA_TRAIN, repa_weight=0.0), eval=FLOW_REPA_EVAL)
 
 
 def smoke(config: RunConfig) -> RunConfig:
@@ -73,4 +118,6 @@ def prepare_data(config: RunConfig, progress: bool = True) -> None:
         demo_cache(cache.parent, resolution=int(cache.name.removeprefix("cache-")), progress=progress)
 
 
-PRESETS: dict[str, Callable[[RunConfig], RunConfig]] = {"in100": in100, "demo": demo, "smoke": smoke}
+PRESETS: dict[str, Callable[[RunConfig], RunConfig]] = {
+    "in100": in100, "in100_flow_repa": in100_flow_repa, "demo": demo, "demo_paper": demo_paper,
+    "demo_flow_repa": demo_flow_repa, "smoke": smoke}

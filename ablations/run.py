@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import uuid
 from datetime import datetime, timezone
@@ -18,6 +17,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project importable without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ablations.leaderboard import git_commit, setting_columns
 from ablations.presets import PRESETS, prepare_data
 from dit.config import RunConfig, apply_overrides, from_dict, to_dict
 from dit.counting import count_params
@@ -72,20 +72,6 @@ def resolve_run(args: argparse.Namespace):
     cost = check_budget(args.variant, apply_overrides(variant, model_overrides).model)
     config = apply_overrides(PRESETS[args.preset](variant), args.overrides)
     return config, cost
-
-
-def git_commit() -> str:
-    """The commit the code ran at, with '-dirty' when the code differs from it (results/, which runs
-    themselves write to, does not count)."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)results"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def choose_workdir(args, config: RunConfig) -> Path:
@@ -180,6 +166,14 @@ def check_room(config: RunConfig, workdir: Path) -> None:
                         f"some space, choose another --workdir, or lower train.keep_checkpoints. Nothing was started.")
 
 
+def training_only(config: RunConfig) -> str:
+    """What a run trains besides the model (outside the budget, dropped by samplers and exports), as a clause."""
+    if not config.train.repa_weight:
+        return ""
+    from variants.budget import repa_projector_params
+    return f", plus {repa_projector_params(config.model, config.train):,} training-only in REPA's projector"
+
+
 def check_data(config: RunConfig, progress: bool):
     """The training data (the latent cache, built here for the built-in digits, or images on the fly),
     checked against the model; returns its TrainingData."""
@@ -188,36 +182,8 @@ def check_data(config: RunConfig, progress: bool):
         prepare_data(config, progress)
     data = training_data(config.data)
     data.check_model(config.model, f"data.images={config.data.images}" if data.cache is None
-                     else f"the cache {config.data.cache}")
+                     else f"the cache {config.data.cache}", repa=config.train.repa_weight > 0)
     return data
-
-
-def build_evaluator(config: RunConfig, data, workdir: Path):
-    """The metric of this run's data: FID with the Inception, or the digits classifier's Frechet distance."""
-    from flax import nnx
-
-    from dit.eval.evaluator import FrechetEvaluator
-    from dit.model import DiT
-    if config.eval.metric == "fid":
-        from dit.eval.inception import FEATURES, load_inception
-        from dit.eval.reference import load_reference
-        if not config.eval.reference:
-            raise UserError("eval.metric=fid needs reference statistics: make them with `python -m dit.eval.ref_stats "
-                            "--data IMAGENET100_ROOT --out FILE.npz` and pass --set eval.reference=FILE.npz.")
-        inception = load_inception(config.eval.inception or None)
-        embed, reference = inception.features, load_reference(config.eval.reference, inception, dims=FEATURES)
-    else:
-        from dit.eval.digits_classifier import FEATURES, digits_reference, load_or_train
-        if data.cache is None:
-            raise UserError("eval.metric=fd_digits is the built-in digits' metric and is computed from their latent "
-                            "cache (data.cache); with data.images, evaluate FID: --set eval.metric=fid --set "
-                            "eval.reference=FILE.npz (from `python -m dit.eval.ref_stats`).")
-        classifier = load_or_train(data.cache.directory)
-        embed, reference = classifier.features, digits_reference(data.cache.directory, classifier)
-        reference.check(FEATURES)  # built from the classifier's own features: cheap, and catches a changed head
-    graphdef = nnx.split(nnx.eval_shape(lambda: DiT(config.model, rngs=nnx.Rngs(0))))[0]
-    return FrechetEvaluator(config.eval.metric, embed, reference, data.decoder(config.data), config, graphdef,
-                            sample_dir=workdir / "samples")
 
 
 def leaderboard_rows(config: RunConfig, workdir: Path, record: dict) -> list[dict]:
@@ -232,23 +198,21 @@ def leaderboard_rows(config: RunConfig, workdir: Path, record: dict) -> list[dic
         if entry.get(metric) is not None:
             by_step[entry["step"]] = entry
     img_per_s = float(np.median(speeds)) if speeds else None
-    from dit.sample import sampler_name
-    sampler = sampler_name(config.train, config.eval)
     return [{
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_id": record["run_id"],
         "variant": config.variant, "params": record["budget_params"], "gflops": record["gflops"],
         "preset": config.preset, "dataset": record["dataset"], "resolution": record["resolution"],
-        "objective": config.train.objective, "sampler": sampler, "sampling_steps": config.eval.sampling_steps,
-        "cfg_scale": config.eval.cfg_scale, "step": step, "batch_size": config.train.batch_size, "metric": metric,
+        **setting_columns(config), "step": step, "batch_size": config.train.batch_size, "metric": metric,
         "value": entry[metric], "num_samples": entry[f"{metric}_samples"], "seed": config.train.seed,
         "img_per_s": img_per_s, "hardware": record["hardware"], "git_commit": record["git_commit"],
+        "source": "train", "reference_sha256": record.get("reference_sha256"),
     } for step, entry in sorted(by_step.items())]
 
 
 def record_results(config: RunConfig, workdir: Path, record: dict, leaderboard: Path) -> list[dict]:
     """Appends the run's evaluations that the leaderboard does not hold yet (a resumed run adds nothing twice)."""
     from ablations.leaderboard import append_rows, read_rows
-    held = {(r["run_id"], r["metric"], int(r["step"])) for r in read_rows(leaderboard)} if leaderboard.exists() else set()
+    held = {(r["run_id"], r["metric"], int(r["step"])) for r in read_rows(leaderboard) if r["source"] == "train"}
     rows = [r for r in leaderboard_rows(config, workdir, record) if (r["run_id"], r["metric"], r["step"]) not in held]
     if rows:
         append_rows(rows, leaderboard)
@@ -269,6 +233,7 @@ def train_and_record(args, config: RunConfig, cost, changes: dict | None = None)
     import jax
 
     from dit.distributed import initialize
+    from dit.eval.evaluator import build_evaluator
     from dit.objectives import make_objective
     from dit.train import train
 
@@ -292,17 +257,19 @@ def train_and_record(args, config: RunConfig, cost, changes: dict | None = None)
         check_writable(path, what, flag)
     check_room(config, workdir)
     data = check_data(config, progress)
-    evaluator = build_evaluator(config, data, workdir)  # loads weights and statistics: fails before the run starts
+    # Loads the weights and statistics: a missing one fails before the run starts.
+    evaluator = build_evaluator(config, data, sample_dir=workdir / "samples")
     record = {
         "run_id": workdir.name, "budget_params": cost.params, "gflops": cost.gflops,
         "dataset": data.dataset, "resolution": data.resolution,
-        "metric": config.eval.metric, "git_commit": git_commit(), "command": sys.argv,
+        "metric": config.eval.metric, "reference_sha256": evaluator.reference.sha256,
+        "git_commit": git_commit(), "command": sys.argv,
         "hardware": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     if lead:
         print(f"run {workdir} ({'resuming' if args.resume else 'new'}): {config.variant}, preset {config.preset}, "
-              f"{count_params(config.model):,} parameters in this run's model")
+              f"{count_params(config.model):,} parameters in this run's model" + training_only(config))
     source = data.batches(config.data, config.train)
     summary = train(config, workdir, source, make_objective(config), resume=args.resume, record=record,
                     progress=progress, evaluate=evaluator, resume_changes=changes or {})
@@ -355,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(json.dumps(to_dict(config), indent=2))
             print(f"variant {config.variant}: {cost.params:,} trainable parameters at DiT-S scale "
-                  f"(budget {BUDGET:,}: within)")
+                  f"(budget {BUDGET:,}: within)" + training_only(config))
             if config.preset != "in100":
                 print(f"this {config.preset} run's model: {count_params(config.model):,} trainable parameters")
             return 0

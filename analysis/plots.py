@@ -66,6 +66,15 @@ def _colors(frame: pd.DataFrame, colors: dict | None) -> dict:
     return colors if colors is not None else palette(frame["variant"])
 
 
+def _series_colors(keys: list, colors: dict) -> dict:
+    """A colour per series key: its variant's, unless two series share a variant (two recipes of one variant,
+    say): then one colour per series, so the legend tells them apart."""
+    variants = [key if isinstance(key, str) else key[0] for key in keys]
+    if len(set(variants)) == len(variants):
+        return {key: colors.get(variant) for key, variant in zip(keys, variants)}
+    return dict(zip(keys, sns.color_palette("tab10" if len(keys) <= 10 else "husl", len(keys))))
+
+
 def _log_y(ax) -> None:
     """Log y with plain tick labels (20, 30, 50) rather than 2x10^1; FID spans decades over training."""
     ax.set_yscale("log")
@@ -80,38 +89,102 @@ def _steps_x(ax) -> None:
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
 
 
+def _flops_x(ax) -> None:
+    ax.set_xlabel("training FLOPs (steps x batch x 6 x GFLOPs of one forward at DiT-S size)")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.2g}"))
+
+
 def _empty(ax, message: str) -> None:
     ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
 
 
-def metric_vs_steps(frame: pd.DataFrame, metric: str, colors: dict | None = None) -> Figure:
-    """The eval metric against training steps, one line per variant: the mean over seeds, min-max band.
+def metric_vs_steps(frame: pd.DataFrame, metric: str, colors: dict | None = None, x: str = "step") -> Figure:
+    """The eval metric against training steps (or, with x="train_flops", against the training FLOPs spent: the
+    equal-compute view, where a costlier variant's line is stretched to the right), one line per variant: the
+    mean over seeds, min-max band.
 
-    `frame`: rows with variant, run_id, step, metric, value (metrics_frame or leaderboard rows).
+    `frame`: rows with variant, run_id, step, train_flops, metric, value (metrics_frame or leaderboard rows).
     """
-    rows = frame[(frame["metric"] == metric) & frame["value"].notna()]
+    rows = frame[(frame["metric"] == metric) & frame["value"].notna() & frame[x].notna()]
     where = _dataset(rows)
     colors = _colors(frame, colors)
     label = metric_label(metric, _samples_of(rows))
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
     several_seeds = False
-    for key, group in rows.groupby(_series_key(rows), sort=True):
-        variant = key if isinstance(key, str) else key[0]
-        per_step = group.groupby("step")["value"].agg(["mean", "min", "max"])
+    series = list(rows.groupby(_series_key(rows), sort=True))
+    series_colors = _series_colors([key for key, _ in series], colors)
+    for key, group in series:
+        per_step = group.groupby(x)["value"].agg(["mean", "min", "max"])
         seeds = group["run_id"].nunique()
-        ax.plot(per_step.index, per_step["mean"], marker="o", markersize=3, color=colors.get(variant),
+        ax.plot(per_step.index, per_step["mean"], marker="o", markersize=3, color=series_colors[key],
                 label=f"{_label(key)} ({seeds} seeds)" if seeds > 1 else _label(key))
         if seeds > 1:
             several_seeds = True
-            ax.fill_between(per_step.index, per_step["min"], per_step["max"], color=colors.get(variant), alpha=0.2)
+            ax.fill_between(per_step.index, per_step["min"], per_step["max"], color=series_colors[key], alpha=0.2)
     if rows.empty:
         _empty(ax, f"no {label} evaluations yet")
     else:
         _log_y(ax)
         ax.legend(title="variant (band: seeds' min-max)" if several_seeds else "variant", fontsize=8,
                   title_fontsize=8)
-    ax.set_title(f"{label} against training steps{where}")
-    _steps_x(ax)
+    ax.set_title(f"{label} against training {'steps' if x == 'step' else 'FLOPs'}{where}")
+    _steps_x(ax) if x == "step" else _flops_x(ax)
+    ax.set_ylabel(f"{label} (log scale, lower is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    return fig
+
+
+# One guidance line: a checkpoint of a run, sampled one way, at several guidance scales.
+GUIDANCE_LINE = ["run_id", "variant", "step", "sampler", "sampling_steps", "guided_channels", "guidance_low",
+                 "guidance_high", "timestep_shift", "num_samples", "seed"]
+
+
+def guidance_lines(rows: pd.DataFrame) -> list[tuple[tuple, pd.Series]]:
+    """(line key, value per cfg scale) for every checkpoint and setting evaluated at 2 or more guidance scales
+    (a sweep of `python -m dit.eval.fid --run`, and the training-time row of the same setting); a scale
+    evaluated twice is averaged (the same noise: the same number, up to the code that made it)."""
+    rows = rows[rows["value"].notna()]
+    lines = []
+    for key, group in rows.groupby(GUIDANCE_LINE, dropna=False, sort=True):
+        per_scale = group.groupby("cfg_scale")["value"].mean()
+        if len(per_scale) >= 2:
+            lines.append((key, per_scale))
+    return lines
+
+
+def metric_vs_cfg_scale(frame: pd.DataFrame, metric: str, colors: dict | None = None) -> Figure:
+    """The eval metric against the guidance scale, one line per run and checkpoint (and sampling setting):
+    leaderboard rows, drawn where a checkpoint has 2 or more scales (`guidance_lines`)."""
+    rows = frame[frame["metric"] == metric]
+    where = _dataset(rows)
+    colors = _colors(frame, colors)
+    label = metric_label(metric, _samples_of(rows))
+    lines = guidance_lines(rows)
+    # The settings that differ between lines go into the labels; those shared by all go into the title.
+    varying = [c for i, c in enumerate(GUIDANCE_LINE[3:], start=3) if len({str(key[i]) for key, _ in lines}) > 1]
+    # A run's colour is its variant's, unless runs of one variant differ (say, in their recipe): then each run
+    # has its own. Checkpoints are told apart by the line: the latest solid.
+    steps = sorted({key[2] for key, _ in lines}, reverse=True)
+    runs = sorted({key[0] for key, _ in lines})
+    per_run = len({key[1] for key, _ in lines}) < len(runs)
+    palette = sns.color_palette("tab10", max(len(runs), 1))
+    styles = ["-", "--", ":", "-."]
+    fig, ax = plt.subplots(figsize=(7, 5), layout="constrained")
+    for key, per_scale in lines:
+        line = dict(zip(GUIDANCE_LINE, key))
+        extra = "".join(f", {c} {line[c]:g}" if isinstance(line[c], float) else f", {c} {line[c]}" for c in varying)
+        color = palette[runs.index(line["run_id"])] if per_run else colors.get(line["variant"])
+        ax.plot(per_scale.index, per_scale.values, marker="o", markersize=4, color=color,
+                linestyle=styles[steps.index(line["step"]) % len(styles)],
+                label=f"{line['variant']} ({line['run_id']}) step {int(line['step']):,}{extra}")
+    if lines:
+        _log_y(ax)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.15))  # below: labels are long
+    else:
+        _empty(ax, "no checkpoint evaluated at 2 or more guidance scales")
+    ax.set_title(f"{label} against the guidance scale{where}\n(one line per run and checkpoint; the same noise "
+                 f"at every scale)", fontsize=10)
+    ax.set_xlabel("classifier-free guidance scale (1: none)")
     ax.set_ylabel(f"{label} (log scale, lower is better)")
     ax.grid(True, which="both", alpha=0.3)
     return fig
@@ -123,12 +196,13 @@ def loss_curves(frame: pd.DataFrame, colors: dict | None = None, window: int = 5
     where = _dataset(rows)
     colors = _colors(frame, colors)
     fig, ax = plt.subplots(figsize=(7, 4.5), layout="constrained")
-    for key, group in rows.groupby(_series_key(rows), sort=True):
-        variant = key if isinstance(key, str) else key[0]
+    series = list(rows.groupby(_series_key(rows), sort=True))
+    series_colors = _series_colors([key for key, _ in series], colors)
+    for key, group in series:
         loss = group.groupby("step")["loss"].mean()
-        ax.plot(loss.index, loss.values, color=colors.get(variant), alpha=0.25, linewidth=0.8)
+        ax.plot(loss.index, loss.values, color=series_colors[key], alpha=0.25, linewidth=0.8)
         smooth = loss.rolling(window, min_periods=1, center=True).mean()
-        ax.plot(smooth.index, smooth.values, color=colors.get(variant), linewidth=1.8, label=_label(key))
+        ax.plot(smooth.index, smooth.values, color=series_colors[key], linewidth=1.8, label=_label(key))
     if rows.empty:
         _empty(ax, "no logged training steps yet")
     else:
@@ -141,15 +215,16 @@ def loss_curves(frame: pd.DataFrame, colors: dict | None = None, window: int = 5
     return fig
 
 
-def metric_vs_cost(best: pd.DataFrame, metric: str, colors: dict | None = None, budget: int = BUDGET) -> Figure:
-    """Best metric per variant against GFLOPs (left) and parameters (right), each point labelled.
+def metric_vs_cost(compared: pd.DataFrame, metric: str, colors: dict | None = None, budget: int = BUDGET) -> Figure:
+    """Each variant's metric at the common point of training (`analysis.leaderboard.compare`, not its best
+    checkpoint) against GFLOPs (left) and parameters (right), each point labelled.
 
     The budget line is drawn only when the points are at its scale: demo models are far smaller, and the
     budget applies to a variant at DiT-S size, not to its demo-sized model.
     """
-    rows = best[(best["metric"] == metric) & best["value"].notna()]
+    rows = compared[(compared["metric"] == metric) & compared["value"].notna()]
     where = _dataset(rows)
-    colors = _colors(best, colors)
+    colors = _colors(compared, colors)
     label = metric_label(metric, _samples_of(rows))
     fig, (by_flops, by_params) = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained", sharey=True)
     for ax, column, xlabel in ((by_flops, "gflops", "GFLOPs per image (one forward)"),
@@ -171,8 +246,10 @@ def metric_vs_cost(best: pd.DataFrame, metric: str, colors: dict | None = None, 
         _empty(by_flops, f"no {label} evaluations yet")
     else:
         _log_y(by_flops)
-    by_flops.set_ylabel(f"best {label} (log scale, lower is better)")
-    fig.suptitle(f"best {label} per variant against compute and size{where}")
+    steps = sorted(rows["step"].dropna().unique())
+    at = f"step {int(steps[0]):,}" if len(steps) == 1 else "the last step all runs reached"
+    by_flops.set_ylabel(f"{label} at {at} (log scale, lower is better)")
+    fig.suptitle(f"{label} per variant at {at}, against compute and size{where}")
     return fig
 
 

@@ -1,8 +1,11 @@
-"""Draw every report figure: `python analysis/report.py [--runs runs] [--leaderboard CSV] [--out results/figures]`.
+"""Draw every report figure: `python -m analysis [--runs runs] [--leaderboard CSV] [--out results/figures]`
+(also `python analysis/report.py`).
 
 One set of figures per (dataset, metric), so the digits demo's Frechet distance never shares a figure
-with ImageNet-100's FID-10K: `<metric>_vs_steps`, `loss_curves`, `throughput`, `metric_vs_cost` and
-`sample_grids`, each named `<figure>-<dataset>-<metric>` and written as PNG and PDF.
+with ImageNet-100's FID-10K: `<metric>_vs_steps`, `<metric>_vs_train_flops` (the equal-compute view),
+`loss_curves`, `throughput`, `metric_vs_cost` (each variant at the last step all its runs reached),
+`<metric>_vs_cfg_scale` (guidance sweeps of saved checkpoints, from the leaderboard) and `sample_grids`,
+each named `<figure>-<dataset>-<metric>` and written as PNG and PDF.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ if __package__ in (None, ""):  # run as a script: make the project importable wi
 import pandas as pd  # noqa: E402
 
 from analysis import plots  # noqa: E402
-from analysis.leaderboard import best_per_variant  # noqa: E402
-from analysis.runs import best_rows, latest_rows, load_runs, metrics_frame, read_leaderboard  # noqa: E402
+from analysis.leaderboard import compare  # noqa: E402
+from analysis.runs import latest_rows, load_runs, metrics_frame, read_leaderboard  # noqa: E402
 from dit.errors import UserError, report  # noqa: E402
 
 NOTHING_YET = ("no results yet: no run directories and no leaderboard rows. Train and evaluate a variant first, "
@@ -31,7 +34,8 @@ NOTHING_YET = ("no results yet: no run directories and no leaderboard rows. Trai
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python analysis/report.py", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m analysis", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", help="directory of run directories (default runs/)")
     parser.add_argument("--leaderboard", help="leaderboard CSV (default results/leaderboard.csv)")
     parser.add_argument("--out", default="results/figures", help="where the figures go (default results/figures)")
@@ -77,13 +81,20 @@ def draw_all(runs_dir: Path, leaderboard_path: Path, out: Path) -> list[Path]:
         suffix = f"{dataset}-{metric}"
         in_runs = _group(frame, dataset, metric)
         in_table = _group(table, dataset, metric)
-        latest_in_table = latest_rows(in_table)  # as load_runs: a rerun of a seed replaces it in the curves
+        trained = in_table[in_table["source"] == "train"]  # the evaluations made during training, at its recipe
+        latest_in_table = latest_rows(trained)  # as load_runs: a rerun of a seed replaces it in the curves
         group_runs = [r for r in runs if (r.dataset, r.metric) == (dataset, metric)]
         # Each figure is drawn only when the rows it draws exist: a figure of no data is skipped, not written.
         # The run directories hold every evaluation; the leaderboard stands in where they are not at hand.
         steps = in_runs if in_runs["value"].notna().any() else latest_in_table
         if steps["value"].notna().any():
             written += plots.save(plots.metric_vs_steps(steps, metric, colors), out, f"{metric}_vs_steps-{suffix}")
+        if (steps["value"].notna() & steps["train_flops"].notna()).any():
+            written += plots.save(plots.metric_vs_steps(steps, metric, colors, x="train_flops"), out,
+                                  f"{metric}_vs_train_flops-{suffix}")
+        if plots.guidance_lines(in_table):
+            written += plots.save(plots.metric_vs_cfg_scale(in_table, metric, colors), out,
+                                  f"{metric}_vs_cfg_scale-{suffix}")
         if in_runs["loss"].notna().any():
             written += plots.save(plots.loss_curves(in_runs, colors), out, f"loss_curves-{suffix}")
         speed = plots.steady_rows(in_runs)
@@ -91,11 +102,11 @@ def draw_all(runs_dir: Path, leaderboard_path: Path, out: Path) -> list[Path]:
             speed = plots.steady_rows(latest_in_table)
         if not speed.empty:
             written += plots.save(plots.throughput(speed, colors), out, f"throughput-{suffix}")
-        # The leaderboard's own notion of best (per recipe) where it has rows, so figure and table agree.
-        best = best_per_variant(in_table) if not in_table.empty else best_rows(in_runs)
-        best = best.dropna(subset=["value"])  # a recipe never evaluated, or diverged, has no point to draw
-        if not best.empty and best[["params", "gflops"]].notna().all().all():
-            written += plots.save(plots.metric_vs_cost(best, metric, colors), out, f"metric_vs_cost-{suffix}")
+        # The leaderboard's comparison (per recipe) where it has rows, so figure and table agree.
+        compared = compare(trained if not trained.empty else in_runs)
+        compared = compared.dropna(subset=["value"])  # a recipe never evaluated, or diverged, has no point to draw
+        if not compared.empty and compared[["params", "gflops"]].notna().all().all():
+            written += plots.save(plots.metric_vs_cost(compared, metric, colors), out, f"metric_vs_cost-{suffix}")
         if any(r.samples for r in group_runs):
             written += plots.save(plots.sample_grids(group_runs), out, f"sample_grids-{suffix}")
     return written

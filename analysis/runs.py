@@ -1,4 +1,8 @@
-"""Results on disk as pandas: run directories (config, metrics.jsonl, summary, sample grids) and the leaderboard CSV."""
+"""Results on disk as pandas: run directories (config, metrics.jsonl, summary, sample grids) and the leaderboard CSV.
+
+The leaderboard is read here and only here (through ablations.leaderboard.read_rows, which checks its header
+and rows), so every table and figure sees the same typed frame. Nothing here imports JAX.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,14 @@ from pathlib import Path
 
 import pandas as pd
 
-from ablations.leaderboard import COLUMNS, FLOAT_COLUMNS, INT_COLUMNS
+from ablations.leaderboard import COLUMNS, DEFAULT_PATH, FLOAT_COLUMNS, INT_COLUMNS, read_rows
 from dit import rundir
 from dit.errors import UserError
 
-LEADERBOARD_COLUMNS = list(COLUMNS)  # as ablations/leaderboard.py writes them
-_LEADERBOARD_NUMBERS = list(INT_COLUMNS + FLOAT_COLUMNS)
 _GRID_NAME = re.compile(r"step_(\d+)\.png$")
+# FLOPs of one image in one training step per multiply-add of its forward: 2 FLOPs a multiply-add, and the
+# backward costs two forwards (as dit.bench counts: 36.3 GFLOP per image for DiT-S/2's 6.06 GFLOPs).
+TRAIN_FLOPS_PER_MAC = 6
 
 
 @dataclass
@@ -142,11 +147,18 @@ def latest_rows(table: pd.DataFrame) -> pd.DataFrame:
     return table[table["run_id"].isin({run_id for _, run_id in last.values()})]
 
 
+def train_flops(frame: pd.DataFrame) -> pd.Series:
+    """Training FLOPs spent by each row's step: steps x batch x FLOPs per image per step, from the `gflops` of
+    one forward at the variant's DiT-S size (as config.json and the leaderboard hold it; NaN where unknown).
+    So demo runs are costed as their variants would be at full size: a ranking, not their own spend."""
+    return frame["step"] * frame["batch_size"] * frame["gflops"] * (TRAIN_FLOPS_PER_MAC * 1e9)
+
+
 def metrics_frame(runs: list[Run]) -> pd.DataFrame:
     """All runs' logged steps in long form; `value` is the run's eval metric on evaluation steps, else NaN.
 
     `includes_compile` marks the first logged line of each training session (it carries compile_s), whose
-    throughput is not steady-state.
+    throughput is not steady-state; `train_flops` is `train_flops` of the step.
     """
     columns = ["run_id", "variant", "preset", "seed", "dataset", "metric", "params", "gflops", "batch_size",
                "step", "loss", "img_per_s", "value", "num_samples", "includes_compile"]
@@ -169,35 +181,27 @@ def metrics_frame(runs: list[Run]) -> pd.DataFrame:
         first = m["step"] == m["step"].min()
         part["includes_compile"] = first | (m["compile_s"].notna() if "compile_s" in m else False)
         parts.append(part)
-    if not parts:
-        return _numeric(pd.DataFrame(columns=columns), numbers)
-    return pd.concat(parts, ignore_index=True)
+    frame = pd.concat(parts, ignore_index=True) if parts else _numeric(pd.DataFrame(columns=columns), numbers)
+    return frame.assign(train_flops=train_flops(frame))
 
 
-def read_leaderboard(path: str | Path) -> pd.DataFrame:
-    """results/leaderboard.csv with its columns checked; an absent file is an empty table."""
+def read_leaderboard(path: str | Path = DEFAULT_PATH) -> pd.DataFrame:
+    """The leaderboard as a typed frame: every column of ablations.leaderboard.COLUMNS, the numbers as float64
+    (NaN where empty; an infinite, diverged, value NaN too), plus `train_flops`; empty if there is none yet.
+    A malformed file or a cell that is not a number is a UserError naming it."""
     path = Path(path)
-    if not path.exists():
-        return _numeric(pd.DataFrame(columns=LEADERBOARD_COLUMNS), _LEADERBOARD_NUMBERS)
     if path.is_dir():
         raise UserError(f"the leaderboard {path} is a directory; pass the CSV file (results/leaderboard.csv).")
-    try:
-        table = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        return _numeric(pd.DataFrame(columns=LEADERBOARD_COLUMNS), _LEADERBOARD_NUMBERS)
-    except (pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise UserError(f"the leaderboard {path} is not a readable CSV ({error}).")
-    missing = [c for c in ("run_id", "variant", "dataset", "metric", "step", "value") if c not in table.columns]
-    if missing:
-        raise UserError(f"the leaderboard {path} lacks the columns {', '.join(missing)}; it is not a "
-                        f"leaderboard written by this harness (columns: {', '.join(LEADERBOARD_COLUMNS)}).")
-    return _numeric(table, _LEADERBOARD_NUMBERS)
-
-
-def best_rows(table: pd.DataFrame) -> pd.DataFrame:
-    """Per (dataset, metric, variant): the evaluation with the lowest value (FID and FD: lower is better)."""
-    evaluated = table.dropna(subset=["value"])
-    if evaluated.empty:
-        return evaluated
-    best = evaluated.loc[evaluated.groupby(["dataset", "metric", "variant"])["value"].idxmin()]
-    return best.sort_values(["dataset", "metric", "value"]).reset_index(drop=True)
+    frame = pd.DataFrame(read_rows(path), columns=list(COLUMNS), dtype=object)
+    for column in INT_COLUMNS + FLOAT_COLUMNS:
+        values = []
+        for row, text in enumerate(frame[column], start=1):
+            try:
+                # Python's float() reads the writer's repr-written values back exactly; pandas' parser need not.
+                values.append(float(text) if text != "" else float("nan"))
+            except ValueError:
+                raise UserError(f"{path}, row {row}: column {column!r} holds {text!r}, not a number; "
+                                f"repair that row.") from None
+        frame[column] = pd.Series(values, index=frame.index, dtype="float64").replace(
+            [float("inf"), float("-inf")], float("nan"))
+    return frame.assign(train_flops=train_flops(frame))

@@ -32,6 +32,7 @@ class Batch(NamedTuple):
     label: np.ndarray  # (B,) int32
     epoch: np.ndarray  # (B,) int32: with `record`, all the randomness of the record's latent
     record: np.ndarray  # (B,) int32
+    repa: np.ndarray | None = None  # (B, tokens, dim) int8: REPA's targets, where the run aligns with them
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class BatchFormat:
     dtype: str = "float32"  # of mean and std, as stored
     flip: bool = False  # True: axis 1 holds both images and the step picks one at random per record
     scale_factor: float = 1.0  # applied to the sample on the device (the cache's SD-VAE factor, say)
+    repa_shape: tuple[int, ...] = ()  # (tokens, dim) of the batches' REPA targets; () for none
 
 
 def latent_batch(x: np.ndarray, y: np.ndarray) -> Batch:

@@ -22,9 +22,10 @@ class ConfigError(UserError):
 DIT_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 
 _CHOICES = {
-    "pos_embed": ("sincos", "rope"),
+    "pos_embed": ("sincos", "rope", "sincos_rope"),
     "mlp": ("gelu", "swiglu"),
     "norm": ("layernorm", "rmsnorm"),
+    "final_norm": ("layernorm", "rmsnorm"),
     "adaln": ("per_block", "shared"),
     "stem": ("linear", "conv"),
     "dtype": ("float32", "bfloat16", "float16"),
@@ -57,12 +58,17 @@ class ModelConfig:
     num_classes: int = 100  # the null (unconditional) label is num_classes
     class_dropout_prob: float = 0.1
     learn_sigma: bool = True  # output 2x channels: epsilon and the sigma interpolation
-    pos_embed: str = "sincos"  # sincos: fixed absolute 2D; rope: 2D axial rotary on q and k
+    # sincos: fixed absolute 2D added to the tokens; rope: 2D axial rotary on q and k instead; sincos_rope:
+    # both, as LightningDiT
+    pos_embed: str = "sincos"
     mlp: str = "gelu"  # gelu: GELU-tanh MLP; swiglu: gated SiLU MLP
     swiglu_hidden: int = 0  # 0: 2/3 of the GELU width rounded up to 64, which keeps the weight count
     norm: str = "layernorm"  # norm of the residual stream inside blocks (no affine, as DiT)
+    final_norm: str = "layernorm"  # the final layer's norm: layernorm as DiT, rmsnorm as LightningDiT
+    norm_weight: bool = False  # a learned per-channel weight (init 1) on the blocks' and final norms, as LightningDiT
     qk_norm: bool = False  # RMS-normalise q and k per head, with a learned scale
     adaln: str = "per_block"  # per_block: adaLN-Zero as DiT; shared: adaLN-single as PixArt-alpha
+    adaln_shift: bool = True  # False: the blocks' adaLN scales and gates without shifts (LightningDiT's wo_shift)
     stem: str = "linear"  # linear: patchify as one linear layer; conv: two 3x3 convs, then patchify
     conv_stem_width: int = 64
     dtype: str = "float32"  # compute dtype of matrix products; parameters stay float32
@@ -97,12 +103,12 @@ class ModelConfig:
                 f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}; "
                 f"choose a head count that divides the width."
             )
-        if self.pos_embed == "rope" and self.head_dim % 4:
+        if self.uses_rope and self.head_dim % 4:
             raise ConfigError(
                 f"2D RoPE splits each head into row and column halves of rotated pairs, so the head dimension "
                 f"must be divisible by 4, but it is {self.head_dim}; change model.hidden_size or model.num_heads."
             )
-        if self.pos_embed == "sincos" and self.hidden_size % 4:
+        if self.uses_sincos and self.hidden_size % 4:
             raise ConfigError("the 2D sin-cos position embedding needs model.hidden_size divisible by 4.")
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise ConfigError(f"model.class_dropout_prob={self.class_dropout_prob} must lie in [0, 1).")
@@ -120,6 +126,19 @@ class ModelConfig:
     def blocks_scanned_on(self, platform: str) -> bool:
         """Whether the program compiled for `platform` runs the blocks as one scan (model.scan_blocks)."""
         return platform in SCAN_BLOCKS_ON if self.scan_blocks == "auto" else bool(self.scan_blocks)
+
+    @property
+    def uses_rope(self) -> bool:
+        return self.pos_embed in ("rope", "sincos_rope")
+
+    @property
+    def uses_sincos(self) -> bool:
+        return self.pos_embed in ("sincos", "sincos_rope")
+
+    @property
+    def adaln_chunks(self) -> int:
+        """Modulation vectors per block: shift, scale, gate for attention and MLP; 4 without the shifts."""
+        return 6 if self.adaln_shift else 4
 
     @property
     def head_dim(self) -> int:
@@ -182,6 +201,14 @@ class TrainConfig:
     seed: int = 0
     objective: str = "ddpm"  # ddpm: DiT's hybrid loss; flow: SiT's linear interpolant, velocity
     time_sampling: str = "uniform"  # flow only: uniform | logit_normal
+    cosine_loss: float = 0.0  # flow only: weight of LightningDiT's velocity-direction loss (it uses 1; 0 off)
+    # REPA: align the tokens after block `repa_block` (0: a third of the depth), through a training-only MLP
+    # projector of width repa_projector_dim, with DINOv2 features of the clean image stored in the latent
+    # cache (`dit.data.extract --repa-encoder`); the loss adds repa_weight x (minus their cosine). REPA: 0.5.
+    repa_weight: float = 0.0
+    repa_block: int = 0
+    repa_projector_dim: int = 2048
+    repa_target_dim: int = 768  # width of the target features: DINOv2-B's
     ckpt_every: int = 10_000
     keep_checkpoints: int = 3  # the last N are kept ...
     keep_every: int = 0  # ... plus every K-th step for good (0: none)
@@ -198,7 +225,8 @@ class TrainConfig:
                 raise ConfigError(
                     f"train.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}; set one of those."
                 )
-        for name in ("steps", "batch_size", "ckpt_every", "log_every", "keep_checkpoints"):
+        for name in ("steps", "batch_size", "ckpt_every", "log_every", "keep_checkpoints", "repa_projector_dim",
+                     "repa_target_dim"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must be a positive integer.")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -211,10 +239,16 @@ class TrainConfig:
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"train.{name}={getattr(self, name)} must lie in [0, 1); AdamW's are 0.9 and 0.999.")
         for name, off in (("warmup_steps", "no warmup"), ("keep_every", "keep none for good"),
-                          ("weight_decay", "no decay"), ("grad_clip", "no clipping")):
+                          ("weight_decay", "no decay"), ("grad_clip", "no clipping"), ("cosine_loss", "none"),
+                          ("repa_weight", "no REPA"), ("repa_block", "a third of the depth")):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"train.{name}={value} must be a finite number >= 0 (0: {off}).")
+        if self.cosine_loss and self.objective != "flow":
+            raise ConfigError(
+                f"train.cosine_loss={self.cosine_loss} is a term of the flow objective's velocity loss, but "
+                f"train.objective={self.objective}; set train.objective=flow, or train.cosine_loss=0."
+            )
         if self.grad_accum != "auto" and not (isinstance(self.grad_accum, int) and self.grad_accum > 0):
             raise ConfigError(f"train.grad_accum={self.grad_accum!r} must be a positive integer or auto.")
         if isinstance(self.grad_accum, int) and self.batch_size % self.grad_accum:
@@ -237,6 +271,7 @@ class EvalConfig:
     guided_channels: int = 3  # DiT guides the first 3 latent channels; 0 guides all of them
     guidance_low: float = 0.0  # guidance acts only at noise levels in [low, high] (fractions of the
     guidance_high: float = 1.0  # objective's time axis, 1 = pure noise): the guidance interval
+    timestep_shift: float = 0.0  # flow ODE samplers: LightningDiT's time shift s*t/(1+(s-1)t) (it uses 0.3; 0 off)
     batch_size: int = 64  # global sampling batch
     metric: str = "fid"  # fid: FID-N with the FID Inception; fd_digits: the demo's classifier features
     reference: str = ""  # fid: reference statistics from `python -m dit.eval.ref_stats`
@@ -254,7 +289,8 @@ class EvalConfig:
         if not 0.0 <= self.guidance_low <= self.guidance_high <= 1.0:
             raise ConfigError("eval.guidance_low and eval.guidance_high must satisfy 0 <= low <= high <= 1.")
         for name, meaning in (("ddim_eta", "0: deterministic DDIM, 1: as DDPM"),
-                              ("cfg_scale", "1: no guidance"), ("guided_channels", "0: all channels")):
+                              ("cfg_scale", "1: no guidance"), ("guided_channels", "0: all channels"),
+                              ("timestep_shift", "0: none")):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"eval.{name}={value} must be a finite number >= 0 ({meaning}).")
@@ -291,6 +327,29 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_sampler(self.train.objective, self.eval.sampler)
+        if self.train.repa_weight and not 0 < self.repa_block <= self.model.depth:
+            raise ConfigError(
+                f"train.repa_block={self.train.repa_block} must name a block of the model's {self.model.depth} "
+                f"(1 to {self.model.depth}), or be 0 for a third of the depth."
+            )
+        if self.train.repa_weight and self.data.flip:
+            raise ConfigError(
+                "train.repa_weight > 0 aligns tokens with DINOv2 features of the unflipped image, so a flipped "
+                "latent would be aligned with the wrong features; set data.flip=false (REPA trains without flips)."
+            )
+        sampler = self.eval.sampler or SAMPLERS[self.train.objective][0]
+        if self.eval.timestep_shift and sampler not in ("euler", "heun"):
+            raise ConfigError(
+                f"eval.timestep_shift={self.eval.timestep_shift} shifts the time grid of the flow ODE samplers "
+                f"(euler, heun), as LightningDiT does, but the sampler is {sampler}; set eval.sampler=euler or "
+                f"heun (with train.objective=flow), or eval.timestep_shift=0."
+            )
+
+
+    @property
+    def repa_block(self) -> int:
+        """The number of blocks before the REPA alignment: train.repa_block, or a third of the depth."""
+        return self.train.repa_block or max(1, self.model.depth // 3)
 
 
 def check_sampler(objective: str, sampler: str) -> None:

@@ -34,3 +34,12 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                                    process_id=process_id)
     elif _cluster_detected():
         jax.distributed.initialize()
+
+
+def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
+    """Blocks until every process has called this with the same `name` (once per name), through the
+    coordination service rather than a collective: processes that finish compiling minutes apart then
+    meet here, where gloo (the CPU collectives) would give up connecting after about 30 seconds."""
+    if jax.process_count() > 1:
+        from orbax.checkpoint import multihost
+        multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)

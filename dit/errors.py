@@ -22,3 +22,11 @@ def check_sizes(sizes: dict[str, tuple[int, int]]) -> None:
     if bad:
         raise UserError(f"{' and '.join(bad)}: sizes must be positive whole numbers, such as "
                         + " ".join(f"{flag} {example}" for flag, (_, example) in sizes.items()) + ".")
+
+
+def key_mismatch(expected, given) -> str:
+    """How a weight file's keys differ from the ones a loader expects, for its error ("" when they match)."""
+    missing, unexpected = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
+    problems = [f"{len(keys)} keys are {what}, such as {', '.join(keys[:5])}"
+                for keys, what in ((missing, "missing"), (unexpected, "unexpected")) if keys]
+    return "; ".join(problems)

@@ -42,6 +42,24 @@ def _velocity(model_fn: ModelFn, x: jax.Array, t: jax.Array, model_kwargs: dict)
     return output[..., :channels]
 
 
+def cosine_similarity(a: jax.Array, b: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """Cosine of the angle between a and b along the last (channel) axis, as torch computes it: the product of
+    the squared norms clamped at eps^2, so a zero vector (a zero-initialised model's first output) gets a
+    finite gradient (b / eps) rather than the NaN of differentiating a norm at zero."""
+    squared = jnp.sum(jnp.square(a), axis=-1) * jnp.sum(jnp.square(b), axis=-1)
+    return jnp.sum(a * b, axis=-1) * jax.lax.rsqrt(jnp.maximum(squared, eps * eps))
+
+
+def shifted_times(t: jax.Array, shift: float) -> jax.Array:
+    """LightningDiT's sampling-time shift t -> shift * t / (1 + (shift - 1) * t); 0 (its "off") or 1 keep t.
+
+    A shift below 1 spends more of the steps near the noise end t = 0 (LightningDiT samples with 0.3).
+    """
+    if shift == 0.0:
+        return t
+    return shift * t / (1 + (shift - 1) * t)
+
+
 @dataclasses.dataclass(frozen=True)
 class FlowMatching:
     """SiT's linear interpolant with velocity prediction; `time_sampling` picks the training times.
@@ -53,12 +71,15 @@ class FlowMatching:
     time_sampling: str = "uniform"
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    cosine_weight: float = 0.0  # LightningDiT's velocity-direction term, 1 - cos(v_pred, v) per pixel (it uses 1)
 
     def __post_init__(self):
         if self.time_sampling not in TIME_SAMPLINGS:
             raise ValueError(f"unknown time sampling {self.time_sampling!r}; choose one of {TIME_SAMPLINGS}")
         if self.logit_std <= 0:
             raise ValueError("logit_std must be positive")
+        if self.cosine_weight < 0:
+            raise ValueError("cosine_weight must be non-negative")
 
     def sample_t(self, key: jax.Array, batch: int) -> jax.Array:
         """Training times, shape (batch,), float32 in [0, 1]."""
@@ -69,24 +90,32 @@ class FlowMatching:
 
     def training_losses(self, model_fn: ModelFn, x1: jax.Array, t: jax.Array, noise: jax.Array,
                         **model_kwargs) -> dict[str, jax.Array]:
-        """Per-example `loss` (B,): the mean over non-batch dims of (v_pred - (x1 - noise))^2, unweighted as SiT.
+        """Per-example terms (B,): `mse`, the mean over non-batch dims of (v_pred - (x1 - noise))^2, unweighted
+        as SiT; `cosine`, the mean over pixels of 1 - cos(v_pred, x1 - noise) over channels (LightningDiT's
+        velocity-direction loss); `loss` = mse + cosine_weight * cosine.
 
         x1 is the data, t (B,) in [0, 1] and noise standard normal, both drawn by the caller.
         """
         x_t = interpolate(x1, noise, t)
-        v_pred = _velocity(model_fn, x_t, t, model_kwargs)
-        squared = (v_pred.astype(jnp.float32) - velocity_target(x1, noise).astype(jnp.float32)) ** 2
-        return {"loss": jnp.mean(squared, axis=tuple(range(1, squared.ndim)))}
+        v_pred = _velocity(model_fn, x_t, t, model_kwargs).astype(jnp.float32)
+        target = velocity_target(x1, noise).astype(jnp.float32)
+        pixels = tuple(range(1, x1.ndim - 1))
+        mse = jnp.mean(jnp.square(v_pred - target), axis=pixels + (x1.ndim - 1,))
+        terms = {"mse": mse, "loss": mse}
+        if self.cosine_weight:
+            terms["cosine"] = jnp.mean(1.0 - cosine_similarity(v_pred, target), axis=pixels)
+            terms["loss"] = mse + self.cosine_weight * terms["cosine"]
+        return terms
 
     def sample_ode(self, model_fn: ModelFn, shape: tuple[int, ...], key: jax.Array | None, steps: int = 50,
                    method: str = "euler", model_kwargs: dict | None = None,
-                   noise: jax.Array | None = None) -> jax.Array:
+                   noise: jax.Array | None = None, shift: float = 0.0) -> jax.Array:
         """Integrates dx/dt = v(x, t) from t = 0 (`noise`, else a draw from `key`) to t = 1; deterministic.
 
-        `steps` solver steps on the uniform grid t_i = i / steps. 'heun' skips the corrector on the
-        last step, as EDM and REPA's SiT sampler do, so the model is never called at the data end
-        t = 1 (2 * steps - 1 calls). SiT's fixed-step ODE counts grid points: its num_steps = N takes
-        N - 1 steps.
+        `steps` solver steps on the uniform grid t_i = i / steps, or with `shift` > 0 on LightningDiT's
+        shifted grid (`shifted_times`). 'heun' skips the corrector on the last step, as EDM and REPA's SiT
+        sampler do, so the model is never called at the data end t = 1 (2 * steps - 1 calls). SiT's
+        fixed-step ODE counts grid points: its num_steps = N takes N - 1 steps.
         """
         if method not in ODE_METHODS:
             raise ValueError(f"unknown ODE method {method!r}; choose one of {ODE_METHODS}")
@@ -108,7 +137,7 @@ class FlowMatching:
             x_euler = x + (t_next - t) * v
             return x + 0.5 * (t_next - t) * (v + velocity(x_euler, t_next)), None
 
-        grid = jnp.linspace(0.0, 1.0, steps + 1, dtype=jnp.float32)
+        grid = shifted_times(jnp.linspace(0.0, 1.0, steps + 1, dtype=jnp.float32), shift)
         if method == "euler":
             x, _ = jax.lax.scan(euler_step, x, (grid[:-1], grid[1:]))
             return x
@@ -162,6 +191,9 @@ class FlowMatching:
         return x
 
 
-def create_flow(time_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0) -> FlowMatching:
-    """SiT's flow matching (linear path, velocity prediction) with the given training-time sampling."""
-    return FlowMatching(time_sampling=time_sampling, logit_mean=logit_mean, logit_std=logit_std)
+def create_flow(time_sampling: str = "uniform", logit_mean: float = 0.0, logit_std: float = 1.0,
+                cosine_weight: float = 0.0) -> FlowMatching:
+    """SiT's flow matching (linear path, velocity prediction) with the given training-time sampling and
+    velocity-direction loss weight."""
+    return FlowMatching(time_sampling=time_sampling, logit_mean=logit_mean, logit_std=logit_std,
+                        cosine_weight=cosine_weight)

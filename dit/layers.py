@@ -37,9 +37,25 @@ def rms_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + eps)
 
 
-def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
-    """adaLN: per-example shift and scale broadcast over tokens."""
-    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+class Norm(nnx.Module):
+    """LayerNorm or RMSNorm over channels in float32, optionally times a learned per-channel weight (init 1).
+
+    DiT's norms have no affine parameters (adaLN supplies the scale); LightningDiT's RMSNorm keeps the weight.
+    """
+
+    def __init__(self, kind: str, size: int, weight: bool = False):
+        self.normalize = rms_norm if kind == "rmsnorm" else layer_norm
+        self.weight = nnx.Param(jnp.ones((size,), jnp.float32)) if weight else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.normalize(x)
+        return x if self.weight is None else x * self.weight[...]
+
+
+def modulate(x: jax.Array, shift: jax.Array | None, scale: jax.Array) -> jax.Array:
+    """adaLN: per-example shift and scale broadcast over tokens (no shift: LightningDiT's wo_shift)."""
+    x = x * (1 + scale[:, None, :])
+    return x if shift is None else x + shift[:, None, :]
 
 
 def timestep_embedding(t: jax.Array, dim: int = 256, max_period: float = 10_000.0) -> jax.Array:

@@ -7,6 +7,7 @@ NHWC; with learn_sigma the output has 2x the input channels (epsilon, then the s
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -14,32 +15,37 @@ from flax import nnx
 
 from dit.attention import SelfAttention, rope_2d_angles
 from dit.config import SCAN_BLOCKS_ON, ModelConfig
-from dit.layers import (ConvStem, GeluMlp, LabelEmbedder, PatchEmbed, SwiGluMlp, TimestepEmbedder, layer_norm,
-                        linear, modulate, rms_norm, sincos_pos_embed_2d, unpatchify, zeros)
+from dit.layers import (ConvStem, GeluMlp, LabelEmbedder, Norm, PatchEmbed, SwiGluMlp, TimestepEmbedder, linear,
+                        modulate, normal_002, sincos_pos_embed_2d, unpatchify, zeros)
 
 
 class DiTBlock(nnx.Module):
     """Pre-norm transformer block whose norms are modulated by the conditioning (adaLN-Zero).
 
     With the shared adaLN (adaLN-single), the block owns only a learned offset that is added to the
-    modulation computed once for all blocks.
+    modulation computed once for all blocks. Without adaln_shift the modulation has no shifts
+    (LightningDiT's wo_shift): scale and gate for attention, then for the MLP.
     """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d = cfg.hidden_size
         dtype = jnp.dtype(cfg.dtype)
-        self.norm = rms_norm if cfg.norm == "rmsnorm" else layer_norm
+        self.shifted = cfg.adaln_shift
+        self.norm1 = Norm(cfg.norm, d, cfg.norm_weight)
+        self.norm2 = Norm(cfg.norm, d, cfg.norm_weight)
         self.attn = SelfAttention(d, cfg.num_heads, rngs, dtype, qk_norm=cfg.qk_norm, attention=cfg.attention_kind,
                                   block_size=cfg.attention_block)
         mlp = SwiGluMlp if cfg.mlp == "swiglu" else GeluMlp
         self.mlp = mlp(d, cfg.mlp_hidden, rngs, dtype)
+        n = cfg.adaln_chunks
         if cfg.adaln == "per_block":
             # Zero init: every block starts as the identity, the "Zero" of adaLN-Zero.
-            self.adaln_modulation = linear(d, 6 * d, rngs, dtype, init=zeros)
+            self.adaln_modulation = linear(d, n * d, rngs, dtype, init=zeros)
             self.adaln_offset = None
         else:
+            # PixArt-alpha's per-block scale_shift_table, randn(6, d) / sqrt(d), flattened in the same order.
             self.adaln_modulation = None
-            self.adaln_offset = nnx.Param(jnp.zeros((6 * d,), jnp.float32))
+            self.adaln_offset = nnx.Param(jax.random.normal(rngs.params(), (n * d,), jnp.float32) / math.sqrt(d))
 
     def __call__(self, x, c, shared_modulation=None, rope_angles=None):
         # The named scopes label the compiled program's operations (profiles, dit.bench compile).
@@ -48,11 +54,15 @@ class DiTBlock(nnx.Module):
                 modulation = self.adaln_modulation(nnx.silu(c))
             else:
                 modulation = shared_modulation + self.adaln_offset[...]
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(modulation, 6, axis=-1)
+        if self.shifted:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(modulation, 6, axis=-1)
+        else:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = jnp.split(modulation, 4, axis=-1)
+            shift_msa = shift_mlp = None
         with jax.named_scope("attention"):
-            x = x + gate_msa[:, None, :] * self.attn(modulate(self.norm(x), shift_msa, scale_msa), rope_angles)
+            x = x + gate_msa[:, None, :] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope_angles)
         with jax.named_scope("mlp"):
-            return x + gate_mlp[:, None, :] * self.mlp(modulate(self.norm(x), shift_mlp, scale_mlp))
+            return x + gate_mlp[:, None, :] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 
 def stack_blocks(blocks: list[DiTBlock]) -> DiTBlock:
@@ -82,17 +92,22 @@ SCANNED_RESIDUALS = jax.checkpoint_policies.save_from_both_policies(
 
 
 class FinalLayer(nnx.Module):
-    """adaLN-modulated LayerNorm, then a linear map from each token to its patch of output channels."""
+    """adaLN-modulated norm (model.final_norm), then a linear map from each token to its patch of output channels.
+
+    It keeps its own adaLN linear with adaLN-single too: PixArt-alpha's final layer instead adds a learned
+    (2, d) table to the timestep embedding, without a linear.
+    """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d = cfg.hidden_size
         dtype = jnp.dtype(cfg.dtype)
+        self.norm_final = Norm(cfg.final_norm, d, cfg.norm_weight)
         self.adaln_modulation = linear(d, 2 * d, rngs, dtype, init=zeros)
         self.linear = linear(d, cfg.patch_size**2 * cfg.out_channels, rngs, dtype, init=zeros)
 
     def __call__(self, x, c):
         shift, scale = jnp.split(self.adaln_modulation(nnx.silu(c)), 2, axis=-1)
-        return self.linear(modulate(layer_norm(x), shift, scale))
+        return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
 class DiT(nnx.Module):
@@ -108,24 +123,28 @@ class DiT(nnx.Module):
             self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d, rngs, dtype)
         self.t_embedder = TimestepEmbedder(d, rngs, dtype)
         self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob, rngs)
-        self.shared_adaln = linear(d, 6 * d, rngs, dtype, init=zeros) if cfg.adaln == "shared" else None
+        # PixArt-alpha's t_block: N(0, 0.02), so with the per-block tables no block starts as the identity;
+        # the zero final layer still makes the initial output zero.
+        self.shared_adaln = (linear(d, cfg.adaln_chunks * d, rngs, dtype, init=normal_002)
+                             if cfg.adaln == "shared" else None)
         self.blocks = stack_blocks([DiTBlock(cfg, rngs) for _ in range(cfg.depth)])
         self.final_layer = FinalLayer(cfg, rngs)
 
-    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *, dropout_key: jax.Array | None = None):
+    def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array, *, dropout_key: jax.Array | None = None,
+                 tokens_after: int = 0):
         """x (B, H, W, C) latents, t (B,) timesteps, y (B,) labels (num_classes = null).
 
-        Labels are dropped to the null label only when `dropout_key` is given (training).
+        Labels are dropped to the null label only when `dropout_key` is given (training). With
+        tokens_after = k > 0, returns (output, the float32 (B, T, D) residual stream after the first k
+        blocks): what REPA aligns with its target features.
         """
         cfg = self.cfg
         # The residual stream stays float32 whatever the compute dtype (as autocast keeps it in PyTorch);
         # only the inputs of the products are cast down.
         h = self.x_embedder(x.astype(jnp.float32)).astype(jnp.float32)
-        rope_angles = None
-        if cfg.pos_embed == "rope":
-            rope_angles = jnp.asarray(rope_2d_angles(cfg.grid_size, cfg.head_dim))
-        else:
+        if cfg.uses_sincos:
             h = h + jnp.asarray(sincos_pos_embed_2d(cfg.hidden_size, cfg.grid_size))
+        rope_angles = jnp.asarray(rope_2d_angles(cfg.grid_size, cfg.head_dim)) if cfg.uses_rope else None
         c = self.t_embedder(t) + self.y_embedder(y, dropout_key)
         shared = self.shared_adaln(nnx.silu(c)) if self.shared_adaln is not None else None
         block_def, stacked = nnx.split(self.blocks)
@@ -137,7 +156,15 @@ class DiT(nnx.Module):
             policy = REMAT_POLICIES.get(cfg.remat, SCANNED_RESIDUALS if scan else None)
             if policy is not None:
                 run_block = jax.checkpoint(run_block, policy=policy)
-            return jax.lax.scan(run_block, h, stacked, unroll=1 if scan else cfg.depth)[0]
+
+            def run(h, start, stop):  # blocks start .. stop - 1
+                part = jax.tree.map(lambda a: a[start:stop], stacked)
+                return jax.lax.scan(run_block, h, part, unroll=1 if scan else stop - start)[0]
+
+            if not tokens_after:
+                return run(h, 0, cfg.depth), None
+            tokens = run(h, 0, tokens_after)
+            return run(tokens, tokens_after, cfg.depth), tokens
 
         if cfg.scan_blocks == "auto":
             # Decided when the program is lowered, for the platform it is compiled for (a TPU topology
@@ -146,11 +173,11 @@ class DiT(nnx.Module):
             # step trains DiT-S/2 about 1.5x faster there); written out on accelerators, where XLA's cost
             # model puts the unrolled TPU v3 step at half the scanned one's time.
             scanned = {platform: functools.partial(run_blocks, scan=True) for platform in SCAN_BLOCKS_ON}
-            h = jax.lax.platform_dependent(h, **scanned, default=functools.partial(run_blocks, scan=False))
+            h, tokens = jax.lax.platform_dependent(h, **scanned, default=functools.partial(run_blocks, scan=False))
         else:
-            h = run_blocks(h, bool(cfg.scan_blocks))
-        out = self.final_layer(h, c)
-        return unpatchify(out, cfg.patch_size, cfg.out_channels).astype(jnp.float32)
+            h, tokens = run_blocks(h, bool(cfg.scan_blocks))
+        out = unpatchify(self.final_layer(h, c), cfg.patch_size, cfg.out_channels).astype(jnp.float32)
+        return (out, tokens) if tokens_after else out
 
     def forward_with_cfg(self, x, t, y, cfg_scale: float, guided_channels: int | None = 3):
         """Classifier-free guidance as DiT's forward_with_cfg.

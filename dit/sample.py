@@ -22,12 +22,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dit.autoencoder import as_function
-from dit.config import SAMPLERS, EvalConfig, ModelConfig, TrainConfig, check_sampler
-from dit.diffusion import create_diffusion
+from dit.config import SAMPLERS, EvalConfig, ModelConfig, RunConfig, TrainConfig
 from dit.errors import UserError
-from dit.flow import create_flow
 from dit.guidance import guided_model_fn
 from dit.mesh import batch_sharded, data_mesh, replicated
+from dit.objectives import make_objective
 
 
 class Decoder(Protocol):
@@ -73,26 +72,11 @@ def sampler_name(train_cfg: TrainConfig, eval_cfg: EvalConfig) -> str:
 
 
 def make_sampler(model_cfg: ModelConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig) -> Callable:
-    """sampler(model_fn, noise, key, y) -> samples, for the run's objective and the eval settings."""
-    name = sampler_name(train_cfg, eval_cfg)
-    check_sampler(train_cfg.objective, name)  # as RunConfig does; callers such as dit.bench pass sections alone
-    steps = eval_cfg.sampling_steps
-    if train_cfg.objective == "ddpm":
-        diffusion = create_diffusion(str(steps), learn_sigma=model_cfg.learn_sigma)
-        to_model_time = lambda level: level * diffusion.timestep_map.max()
-        if name == "ddpm":
-            loop = lambda fn, noise, key: diffusion.p_sample_loop(fn, noise.shape, key, noise=noise)
-        else:
-            loop = lambda fn, noise, key: diffusion.ddim_sample_loop(fn, noise.shape, key, eta=eval_cfg.ddim_eta,
-                                                                     noise=noise)
-    else:
-        flow = create_flow()
-        to_model_time = lambda level: 1.0 - level  # SiT's time: 0 is noise
-        if name == "sde":
-            loop = lambda fn, noise, key: flow.sample_sde(fn, noise.shape, key, steps=steps, noise=noise)
-        else:
-            loop = lambda fn, noise, key: flow.sample_ode(fn, noise.shape, key, steps=steps, method=name,
-                                                          noise=noise)
+    """sampler(model_fn, noise, key, y) -> samples: the objective's sampling loop that the eval settings name,
+    with classifier-free guidance over their interval."""
+    # RunConfig checks the sampler against the objective, as for a run; callers such as dit.bench pass sections.
+    objective = make_objective(RunConfig(model=model_cfg, train=train_cfg, eval=eval_cfg))
+    loop, to_model_time = objective.sampling(eval_cfg)
     low, high = sorted((to_model_time(eval_cfg.guidance_low), to_model_time(eval_cfg.guidance_high)))
     interval = None if (eval_cfg.guidance_low, eval_cfg.guidance_high) == (0.0, 1.0) else (low, high)
     channels = eval_cfg.guided_channels or model_cfg.in_channels

@@ -27,11 +27,13 @@ from tqdm.auto import tqdm
 from dit.batches import Batch, BatchFormat, BatchSource, Prefetch, latents_from_batch
 from dit.checkpoint import Checkpoints
 from dit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, to_dict
+from dit.distributed import wait_for_all_processes
 from dit.errors import UserError
 from dit.memory import DoesNotFit, StepMemory
 from dit.mesh import BATCH_AXIS, batch_sharded, data_mesh, global_batch, local_batch_size, replicated, to_host
 from dit.model import DiT
 from dit.objectives import Objective
+from dit.repa import RepaProjector, repa_loss
 from dit.files import is_disk_full, write_json_atomic
 from dit.rundir import (CONFIG, METRICS, SUMMARY, RunLock, append_metrics, holds_run, read_json, read_metrics,
                         record_resume_changes)
@@ -65,8 +67,18 @@ def create_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, op
     return optax.chain(clip, optimizer), schedule
 
 
+def repa_projector(model_cfg: ModelConfig, train_cfg: TrainConfig, key=0) -> RepaProjector:
+    """REPA's training-only projector from the model's width to the target features' (train.repa_*)."""
+    return RepaProjector(model_cfg.hidden_size, train_cfg.repa_target_dim, train_cfg.repa_projector_dim,
+                         rngs=nnx.Rngs(key), dtype=model_cfg.dtype)
+
+
 def init_state(model_cfg: ModelConfig, train_cfg: TrainConfig, optimizer: optax.GradientTransformation):
-    """The model's graph and the train state: a dict of arrays, the unit that is stepped and saved."""
+    """The model's graph and the train state: a dict of arrays, the unit that is stepped and saved.
+
+    With REPA (train.repa_weight > 0) the state also holds the projector, which trains with the model (one
+    optimizer over both: the optimizer state is then that of {"model": ..., "projector": ...}) but is not
+    part of it: the EMA, samples and the parameter budget are the model's alone."""
     graphdef, params = nnx.split(DiT(model_cfg, rngs=nnx.Rngs(train_cfg.seed)))
     state = {
         "step": jnp.zeros((), jnp.int32),
@@ -77,6 +89,11 @@ def init_state(model_cfg: ModelConfig, train_cfg: TrainConfig, optimizer: optax.
         "loss_scale": jnp.asarray(FP16_INITIAL_SCALE if model_cfg.dtype == "float16" else 1.0, jnp.float32),
         "finite_steps": jnp.zeros((), jnp.int32),
     }
+    if train_cfg.repa_weight:
+        # Its own stream (3) of the seed: the model's initial weights are those of a run without REPA.
+        projector = nnx.state(repa_projector(model_cfg, train_cfg, jax.random.fold_in(jax.random.PRNGKey(train_cfg.seed), 3)))
+        state["projector"] = projector
+        state["opt_state"] = optimizer.init({"model": params, "projector": projector})
     return graphdef, state
 
 
@@ -90,7 +107,7 @@ def microbatches(tree, k: int, mesh):
 
 def make_train_step(graphdef, objective: Objective, optimizer, schedule, train_cfg: TrainConfig,
                     dynamic_loss_scale: bool, mesh, grad_accum: int = 1, unroll: bool = False,
-                    batch_format: BatchFormat = BatchFormat()) -> Callable:
+                    batch_format: BatchFormat = BatchFormat(), projector_def=None, repa_block: int = 0) -> Callable:
     """The jitted step (state, Batch) -> (state, metrics); the state's buffers are donated.
 
     The step turns the batch into latents itself (the flip and the posterior sample, from train.seed and
@@ -98,8 +115,26 @@ def make_train_step(graphdef, objective: Objective, optimizer, schedule, train_c
     microbatches whose gradients are averaged before the one optimizer and EMA update. Latents, time,
     noise and label dropout are drawn for the whole batch first, so the update is that of k = 1 up to
     float32 rounding, whatever k. `unroll` writes the microbatch loop out (for XLA's cost model, which
-    counts a loop body once).
+    counts a loop body once). With a `projector_def` (REPA), the loss adds train.repa_weight x REPA's
+    alignment of the tokens after block `repa_block`, through the projector, with the batch's targets.
     """
+
+    def losses(trainable, microbatch):
+        """(per-example objective loss, noise level, REPA alignment loss or 0) of a microbatch."""
+        x, labels, noise, targets = microbatch
+        if projector_def is None:
+            per_example, t_frac = objective.loss(nnx.merge(graphdef, trainable), x, labels, noise)
+            return per_example, t_frac, jnp.zeros((), jnp.float32)
+        model, tokens = nnx.merge(graphdef, trainable["model"]), []
+
+        def model_fn(x, t, y):  # the objective calls the model once; REPA needs its tokens after block k too
+            out, after = model(x, t, y, tokens_after=repa_block)
+            tokens.append(after)
+            return out
+
+        per_example, t_frac = objective.loss(model_fn, x, labels, noise)
+        projected = nnx.merge(projector_def, trainable["projector"])(tokens[0])
+        return per_example, t_frac, repa_loss(projected, targets)
 
     def step(state, batch):
         x, y = latents_from_batch(batch, train_cfg.seed, batch_format.scale_factor)
@@ -107,42 +142,48 @@ def make_train_step(graphdef, objective: Objective, optimizer, schedule, train_c
         scale = state["loss_scale"]
         noise = objective.draw(key_objective, x)
         labels = nnx.merge(graphdef, state["params"]).y_embedder.drop(y, key_dropout)
+        trainable = state["params"] if projector_def is None else {"model": state["params"],
+                                                                   "projector": state["projector"]}
 
-        def loss_fn(params, microbatch):
-            x, labels, noise = microbatch
-            model = nnx.merge(graphdef, params)
-            per_example, t_frac = objective.loss(model, x, labels, noise)
-            return per_example.mean() * scale, (per_example, t_frac)
+        def loss_fn(trainable, microbatch):
+            per_example, t_frac, alignment = losses(trainable, microbatch)
+            return (per_example.mean() + train_cfg.repa_weight * alignment) * scale, (per_example, t_frac, alignment)
 
         gradient = jax.grad(loss_fn, has_aux=True)
+        whole = (x, labels, noise, batch.repa)
         if grad_accum == 1:
-            grads, (per_example, t_frac) = gradient(state["params"], (x, labels, noise))
+            grads, (per_example, t_frac, alignment) = gradient(trainable, whole)
         else:
             def accumulate(total, microbatch):
-                grads, aux = gradient(state["params"], microbatch)
+                grads, aux = gradient(trainable, microbatch)
                 return jax.tree.map(jnp.add, total, grads), aux
 
-            zeros = jax.tree.map(jnp.zeros_like, state["params"])
-            grads, (per_example, t_frac) = jax.lax.scan(accumulate, zeros,
-                                                        microbatches((x, labels, noise), grad_accum, mesh),
-                                                        unroll=grad_accum if unroll else 1)
+            zeros = jax.tree.map(jnp.zeros_like, trainable)
+            grads, (per_example, t_frac, alignment) = jax.lax.scan(accumulate, zeros,
+                                                                   microbatches(whole, grad_accum, mesh),
+                                                                   unroll=grad_accum if unroll else 1)
             # Examples come back grouped by microbatch; the loss and its quartiles are sums, so order is moot.
             per_example, t_frac = per_example.reshape(-1), t_frac.reshape(-1)
         loss = per_example.mean()
         grads = jax.tree.map(lambda g: g / (scale * grad_accum), grads)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
-        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        decay = train_cfg.ema_decay
-        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
-        new = dict(state, step=state["step"] + 1, params=params, ema=ema, opt_state=opt_state)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], trainable)
+        trained = optax.apply_updates(trainable, updates)
         if dynamic_loss_scale:
-            # float16: skip a step whose gradients overflowed and halve the scale; grow it after a run
-            # of finite steps.
+            # float16: skip a step whose gradients overflowed (keep the weights and the optimizer state).
             finite = jnp.isfinite(grad_norm)
             keep = lambda a, b: jax.tree.map(lambda u, v: jnp.where(finite, u, v), a, b)
-            new.update(params=keep(params, state["params"]), ema=keep(ema, state["ema"]),
-                       opt_state=keep(opt_state, state["opt_state"]))
+            trained, opt_state = keep(trained, trainable), keep(opt_state, state["opt_state"])
+        params = trained if projector_def is None else trained["model"]
+        decay = train_cfg.ema_decay
+        ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema"], params)
+        if dynamic_loss_scale:
+            ema = keep(ema, state["ema"])
+        new = dict(state, step=state["step"] + 1, params=params, ema=ema, opt_state=opt_state)
+        if projector_def is not None:
+            new["projector"] = trained["projector"]
+        if dynamic_loss_scale:
+            # Halve the scale after an overflow; double it after a run of finite steps.
             run = jnp.where(finite, state["finite_steps"] + 1, 0)
             grow = run >= FP16_GROWTH_INTERVAL
             new["loss_scale"] = jnp.where(finite, jnp.where(grow, scale * 2, scale), jnp.maximum(scale / 2, 1.0))
@@ -156,6 +197,8 @@ def make_train_step(graphdef, objective: Objective, optimizer, schedule, train_c
             "quartile_sum": jax.ops.segment_sum(per_example, quartile, 4),
             "quartile_count": jax.ops.segment_sum(jnp.ones_like(per_example), quartile, 4),
         }
+        if projector_def is not None:
+            metrics["repa_loss"] = jnp.mean(alignment)
         return new, metrics
 
     state_sharding, data_sharding = replicated(mesh), batch_sharded(mesh)
@@ -182,8 +225,11 @@ def abstract_batch(run: RunConfig, mesh, batch_size: int | None = None,
     n = batch_size or run.train.batch_size
     latents = (n, 2 if fmt.flip else 1, m.input_size, m.input_size, m.in_channels)
     rows = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    targets = None
+    if run.train.repa_weight:  # a source's shape, else the one a cache for this model would hold
+        targets = rows((n, *(fmt.repa_shape or (m.num_tokens, run.train.repa_target_dim))), jnp.int8)
     return Batch(mean=rows(latents, fmt.dtype), std=rows(latents, fmt.dtype), label=rows((n,), jnp.int32),
-                 epoch=rows((n,), jnp.int32), record=rows((n,), jnp.int32))
+                 epoch=rows((n,), jnp.int32), record=rows((n,), jnp.int32), repa=targets)
 
 
 @dataclass(frozen=True)
@@ -214,9 +260,12 @@ def training_program(run: RunConfig, objective: Objective, mesh, grad_accum: int
     graphdef = nnx.split(nnx.eval_shape(lambda: DiT(run.model, rngs=nnx.Rngs(0))))[0]
     abstract_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)),
                                   jax.eval_shape(lambda: init_state(run.model, run.train, optimizer)[1]))
+    projector_def = None
+    if run.train.repa_weight:
+        projector_def = nnx.split(nnx.eval_shape(lambda: repa_projector(run.model, run.train)))[0]
     jitted = make_train_step(graphdef, objective, optimizer, schedule, run.train, mesh=mesh, grad_accum=grad_accum,
                              dynamic_loss_scale=run.model.dtype == "float16", unroll=unroll,
-                             batch_format=batch_format)
+                             batch_format=batch_format, projector_def=projector_def, repa_block=run.repa_block)
     return jitted, (abstract_state, abstract_batch(run, mesh, batch_format=batch_format))
 
 
@@ -271,6 +320,7 @@ def build_training(run: RunConfig, objective: Objective, mesh,
     compiled = compile_training(run, objective, mesh, batch_format)  # before any device memory is taken
     optimizer, _ = create_optimizer(run.train)
     graphdef, state = init_state(run.model, run.train, optimizer)
+    wait_for_all_processes("dit-training-compiled")  # the placement below is the first collective
     return graphdef, jax.device_put(state, replicated(mesh)), compiled
 
 
@@ -383,6 +433,7 @@ class _Log:
             "loss": float(np.mean([m["loss"] for m in fetched])),
             **{f"loss_q{i}": float(qsum[i] / qcount[i]) if qcount[i] else None for i in range(4)},
             "grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+            **({"repa_loss": float(np.mean([m["repa_loss"] for m in fetched]))} if "repa_loss" in fetched[-1] else {}),
             "lr": float(fetched[-1]["lr"]),
             "img_per_s": n * self.global_batch / elapsed,
             "step_ms": 1000 * elapsed / n,

@@ -12,13 +12,14 @@ import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from analysis import plots, report  # noqa: E402
-from analysis.leaderboard import best_per_variant  # noqa: E402
-from analysis.runs import best_rows, load_runs, metrics_frame, read_leaderboard, read_metrics  # noqa: E402
+from analysis.leaderboard import compare  # noqa: E402
+from analysis.runs import load_runs, metrics_frame, read_leaderboard, read_metrics  # noqa: E402
 from dit import rundir  # noqa: E402
 from tests.fixtures_results import _DEMO, _IN100, _config, _write_run, write_fixture_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-KINDS = ("{metric}_vs_steps", "loss_curves", "throughput", "metric_vs_cost", "sample_grids")
+KINDS = ("{metric}_vs_steps", "{metric}_vs_train_flops", "loss_curves", "throughput", "metric_vs_cost",
+         "sample_grids")
 
 
 @pytest.fixture(scope="module")
@@ -121,22 +122,37 @@ def test_loss_curves_raw_and_smoothed_per_variant(frame):
 
 def test_metric_vs_cost_points_and_budget_line(results):
     table = read_leaderboard(results["leaderboard"])
-    best = best_per_variant(table[table["dataset"] == "imagenet100"])
-    fig = plots.metric_vs_cost(best, "fid")
+    fig = plots.metric_vs_cost(compare(table[table["dataset"] == "imagenet100"]), "fid")
     by_flops, by_params = fig.axes
     assert len(by_flops.collections) == len(by_params.collections) == 2
     assert len(by_params.lines) == 1 and by_params.lines[0].get_xdata()[0] == pytest.approx(33.0)
     assert "parameters" in by_params.get_xlabel() and "GFLOPs" in by_flops.get_xlabel()
     # Demo models are far below the budget's scale: no budget line stretching the axis to 33M.
-    fig = plots.metric_vs_cost(best_per_variant(digits(table)), "fd_digits")
+    fig = plots.metric_vs_cost(compare(digits(table)), "fd_digits")
     assert len(fig.axes[0].collections) == 3 and len(fig.axes[1].lines) == 0
+    assert "at step 600" in fig.axes[0].get_ylabel()  # where the killed run's last evaluation is
 
 
-def test_best_rows_of_runs(frame):
-    best = best_rows(frame)
-    assert len(best) == 3 + 2
-    fid = best[best["metric"] == "fid"]
+def test_runs_are_compared_at_the_last_step_all_reached(frame):
+    compared = compare(frame)
+    assert len(compared) == 3 + 2
+    fid = compared[compared["metric"] == "fid"]
     assert fid["value"].tolist() == sorted(fid["value"]) and fid["step"].eq(100_000).all()
+    # rope_swiglu's seed 1 was killed after its evaluation at step 600: every digits variant is compared there,
+    # the mean over its seeds, with its best checkpoint (1,000 steps) beside it, labelled as such.
+    demo = compared[compared["metric"] == "fd_digits"].set_index("variant")
+    assert demo["step"].eq(600).all() and demo["seeds"].eq(2).all()
+    values = digits(frame).query("variant == 'baseline' and step == 600")["value"]
+    assert demo.loc["baseline", "value"] == pytest.approx(values.mean())
+    assert (demo["best_any_step"] < demo["value"]).all() and demo["best_any_step_at"].eq(1000).all()
+    assert demo["train_flops"].tolist() == pytest.approx([600 * 32 * 6 * 0.05e9] * 3)
+
+
+def test_metric_against_training_flops(frame):
+    fig = plots.metric_vs_steps(frame[frame["dataset"] == "imagenet100"], "fid", x="train_flops")
+    line = fig.axes[0].lines[0]
+    assert list(line.get_xdata()) == pytest.approx([s * 256 * 6 * 6.06e9 for s in range(20_000, 100_001, 20_000)])
+    assert "FLOPs" in fig.axes[0].get_xlabel() and "FLOPs" in fig.axes[0].get_title()
 
 
 def test_throughput_median_without_compile_steps(frame):
@@ -182,8 +198,37 @@ def test_report_from_the_leaderboard_alone(results, tmp_path):
                         "--out", str(out)]) == 0
     assert {p.name for p in out.glob("*.png")} == {
         "fd_digits_vs_steps-digits-fd_digits.png", "fid_vs_steps-imagenet100-fid.png",
+        "fd_digits_vs_train_flops-digits-fd_digits.png", "fid_vs_train_flops-imagenet100-fid.png",
         "throughput-digits-fd_digits.png", "throughput-imagenet100-fid.png",
         "metric_vs_cost-digits-fd_digits.png", "metric_vs_cost-imagenet100-fid.png"}
+
+
+def test_guidance_sweeps_are_drawn_against_the_scale(results, tmp_path):
+    import shutil
+
+    from ablations.leaderboard import append_rows, read_rows
+    board = tmp_path / "lb.csv"
+    shutil.copy(results["leaderboard"], board)
+    # Sweeps of each ImageNet-100 run's last checkpoint, as `python -m dit.eval.fid --run ... --cfg-scale` writes them.
+    last = [r for r in read_rows(board) if r["dataset"] == "imagenet100" and r["step"] == "100000"]
+    append_rows([{**r, "source": "sweep", "cfg_scale": scale, "value": float(r["value"]) * factor, "img_per_s": None,
+                  "guided_channels": 3, "guidance_low": 0.0, "guidance_high": 1.0, "timestep_shift": 0.0,
+                  "reference_sha256": "ab" * 32}
+                 for r in last for scale, factor in ((1.0, 1.0), (1.5, 0.7), (2.0, 0.8))], board)
+    table = read_leaderboard(board)
+    lines = plots.guidance_lines(table)
+    assert [key[0] for key, _ in lines] == sorted(r["run_id"] for r in last)
+    assert all(list(per_scale.index) == [1.0, 1.5, 2.0] for _, per_scale in lines)
+    fig = plots.metric_vs_cfg_scale(table[table["dataset"] == "imagenet100"], "fid")
+    ax = fig.axes[0]
+    assert len(ax.lines) == 2 and all("step 100,000" in line.get_label() for line in ax.lines)
+    assert "guidance scale" in ax.get_xlabel() and "FID-10K" in ax.get_title()
+
+    out = tmp_path / "figures"
+    (tmp_path / "runs").mkdir()
+    assert report.main(["--runs", str(tmp_path / "runs"), "--leaderboard", str(board), "--out", str(out)]) == 0
+    assert {p.name for p in out.glob("*cfg_scale*")} == {"fid_vs_cfg_scale-imagenet100-fid.png",
+                                                         "fid_vs_cfg_scale-imagenet100-fid.pdf"}
 
 
 def test_report_with_nothing_to_draw(tmp_path, capsys, monkeypatch):

@@ -49,6 +49,9 @@ def test_every_field_is_settable():
     ("eval.ddim_eta=-1", "eval.ddim_eta=-1.0 must be a finite number >= 0"),
     ("eval.cfg_scale=inf", "eval.cfg_scale=inf must be a finite number >= 0"),
     ("eval.guided_channels=-1", "eval.guided_channels=-1 must be a finite number >= 0"),
+    ("train.cosine_loss=1", "train.cosine_loss=1.0 is a term of the flow objective's velocity loss"),
+    ("eval.timestep_shift=0.3", "eval.timestep_shift=0.3 shifts the time grid of the flow ODE samplers"),
+    ("eval.timestep_shift=-1", "eval.timestep_shift=-1.0 must be a finite number >= 0"),
 ])
 def test_bad_overrides_fail_with_a_clear_message(assignment, message):
     with pytest.raises(ConfigError, match=message):
@@ -93,3 +96,20 @@ def test_named_sizes_and_serialisation():
     with pytest.raises(ConfigError):
         dit_config("M/2")
     assert to_dict(RunConfig())["model"]["hidden_size"] == 384
+
+
+def test_lightningdit_additions_fit_the_flow_objective_and_its_ode_samplers():
+    cfg = apply_overrides(RunConfig(), ["train.objective=flow", "train.cosine_loss=1", "eval.sampler=euler",
+                                        "eval.timestep_shift=0.3"])
+    assert (cfg.train.cosine_loss, cfg.eval.timestep_shift) == (1.0, 0.3)
+    with pytest.raises(ConfigError, match="the sampler is sde"):  # flow's default sampler is the SDE
+        apply_overrides(RunConfig(), ["train.objective=flow", "eval.timestep_shift=0.3"])
+
+
+def test_repa_settings_are_checked_with_the_model_and_data():
+    with pytest.raises(ConfigError, match="set data.flip=false"):
+        apply_overrides(RunConfig(), ["train.repa_weight=0.5"])
+    with pytest.raises(ConfigError, match="train.repa_block=13 must name a block of the model's 12"):
+        apply_overrides(RunConfig(), ["train.repa_weight=0.5", "data.flip=false", "train.repa_block=13"])
+    cfg = apply_overrides(RunConfig(), ["train.repa_weight=0.5", "data.flip=false"])
+    assert cfg.repa_block == 4  # a third of DiT-S's 12 blocks

@@ -1,17 +1,23 @@
-"""Parity of the imported official DiT with an independent NumPy reference (tests/official_dit_numpy.py)."""
+"""Parity of the imported official DiT with an independent NumPy reference (tests/official_dit_numpy.py), and of
+the imported LightningDiT with an independent PyTorch one (tests/lightningdit_torch.py)."""
 
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from dit.convert import CheckpointError, infer_config, load_official_dit
+from dit.convert import CheckpointError, infer_config, infer_lightning_config, load_lightning_dit, load_official_dit
 from tests.official_dit_numpy import forward, random_state_dict
 
 # A copy of the official key layout (shared/reference/official-dit-s2-in100.keys.tsv), kept beside the tests so a
 # clone runs them anywhere.
 REFERENCE_KEYS = Path(__file__).resolve().parent / "reference" / "official-dit-s2-in100.keys.tsv"
+# LightningDiT's layout as its models/lightningdit.py builds it (derived from reading their code, not from the
+# reference module), at S/2 with its released switches.
+LIGHTNING_KEYS = Path(__file__).resolve().parent / "reference" / "lightningdit-s2-in100.keys.tsv"
 S2 = dict(depth=12, hidden=384, patch=2, in_channels=4, input_size=32, num_classes=100)
+LIGHTNING_S2 = dict(input_size=32, patch_size=2, in_channels=4, hidden_size=384, depth=12, num_heads=6, num_classes=100,
+                    use_swiglu=True, use_rope=True, use_rmsnorm=True)
 
 
 def relative_error(a, b):
@@ -31,13 +37,17 @@ def s2_state_dict():
     return random_state_dict(**S2, seed=0)
 
 
-def test_random_state_dict_has_the_official_layout(s2_state_dict):
+def read_layout(path: Path) -> dict[str, tuple]:
     expected = {}
-    for line in REFERENCE_KEYS.read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line and not line.startswith("#"):
             key, shape, _ = line.split("\t")
             expected[key] = tuple(int(s) for s in shape.strip("()").split(",") if s.strip())
-    assert {k: v.shape for k, v in s2_state_dict.items()} == expected
+    return expected
+
+
+def test_random_state_dict_has_the_official_layout(s2_state_dict):
+    assert {k: v.shape for k, v in s2_state_dict.items()} == read_layout(REFERENCE_KEYS)
 
 
 def test_dit_s2_matches_reference(s2_state_dict):
@@ -142,3 +152,84 @@ def test_dit_s2_matches_diffusers_pytorch_dit(s2_state_dict):
                         class_labels=torch.from_numpy(y)).sample.numpy().transpose(0, 2, 3, 1)
     ours = np.asarray(load_official_dit(s2_state_dict, num_classes=100)(x, t, y))
     assert relative_error(ours, ref) <= 1e-5
+
+
+def lightning_reference(seed: int = 0, **kwargs):
+    """A random LightningDiT (tests/lightningdit_torch.py) and its state dict as numpy arrays."""
+    pytest.importorskip("torch")
+    from tests.lightningdit_torch import random_lightning_dit, state_dict_numpy
+    model = random_lightning_dit(seed, **kwargs)
+    return model, state_dict_numpy(model)
+
+
+@pytest.fixture(scope="module")
+def lightning_s2():
+    return lightning_reference(**LIGHTNING_S2)
+
+
+def test_lightning_reference_has_the_layout_of_their_code(lightning_s2):
+    _, sd = lightning_s2
+    assert {k: v.shape for k, v in sd.items()} == read_layout(LIGHTNING_KEYS)
+
+
+def test_lightning_dit_s2_matches_pytorch_reference(lightning_s2):
+    from tests.lightningdit_torch import forward_nhwc
+    ref_model, sd = lightning_s2
+    x, t, y = inputs(3, 32, 4, 100)
+    out = np.asarray(load_lightning_dit(sd, num_classes=100)(x, t, y))
+    assert out.shape == (3, 32, 32, 4)  # learn_sigma off, as LightningDiT builds it
+    assert relative_error(out, forward_nhwc(ref_model, x, t, y)) <= 1e-5
+
+
+def test_lightning_dit_s2_is_the_lightning_variant(lightning_s2):
+    from variants import resolve
+    assert infer_lightning_config(lightning_s2[1], num_classes=100) == resolve("lightning")
+
+
+@pytest.mark.parametrize("switches", [
+    dict(use_qknorm=True, use_rmsnorm=True, use_rope=True, wo_shift=True, learn_sigma=True),
+    dict(use_swiglu=True, use_rope=True),  # LayerNorm, no norm weights
+    dict(use_rmsnorm=True, mlp_ratio=2.0),  # GELU MLP, absolute position embedding only
+])
+def test_lightning_switches_and_other_sizes_match_reference(switches):
+    from tests.lightningdit_torch import forward_nhwc
+    size = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=128, depth=2, num_heads=2, num_classes=10)
+    ref_model, sd = lightning_reference(seed=3, **size, **switches)
+    cfg = infer_lightning_config(sd, num_classes=10)
+    assert (cfg.num_heads, cfg.qk_norm, cfg.adaln_shift, cfg.learn_sigma, cfg.uses_rope, cfg.norm_weight) == (
+        2, switches.get("use_qknorm", False), not switches.get("wo_shift", False), switches.get("learn_sigma", False),
+        switches.get("use_rope", False), switches.get("use_rmsnorm", False))
+    x, t, y = inputs(2, 16, 4, 10)
+    out = np.asarray(load_lightning_dit(sd, num_classes=10)(x, t, y))
+    # LightningDiT's forward drops the learned sigma; ours keeps it after the prediction.
+    assert relative_error(out[..., :4], forward_nhwc(ref_model, x, t, y)) <= 1e-5
+
+
+def test_lightning_training_checkpoint_prefers_ema(tmp_path):
+    torch = pytest.importorskip("torch")
+    from tests.lightningdit_torch import forward_nhwc
+    size = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=1, num_heads=1, num_classes=10,
+                use_swiglu=True, use_rope=True, use_rmsnorm=True)
+    ref_model, _ = lightning_reference(seed=4, **size)
+    ema = ref_model.state_dict()
+    path = tmp_path / "0080000.pt"
+    torch.save({"model": {k: torch.zeros_like(v) for k, v in ema.items()}, "ema": ema, "opt": {}, "config": {}}, path)
+    x, t, y = inputs(2, 8, 4, 10)
+    out = np.asarray(load_lightning_dit(str(path), num_classes=10, num_heads=1)(x, t, y))
+    assert relative_error(out, forward_nhwc(ref_model, x, t, y)) <= 1e-5
+
+
+def test_lightning_missing_unexpected_and_unsupported_keys_fail():
+    size = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=2, num_classes=10)
+    _, sd = lightning_reference(**size, use_swiglu=True, use_rope=True, use_rmsnorm=True)
+    with pytest.raises(CheckpointError, match="lacks parameters for: blocks.1.mlp.fc1"):
+        load_lightning_dit({k: v for k, v in sd.items() if not k.startswith("blocks.1.mlp.w12")}, num_classes=10)
+    with pytest.raises(CheckpointError, match="unexpected key 'blocks.0.attn.extra.weight'.*LightningDiT"):
+        load_lightning_dit({**sd, "blocks.0.attn.extra.weight": np.zeros((2, 2))}, num_classes=10)
+    with pytest.raises(CheckpointError, match="not a hustvl/LightningDiT state dict"):
+        load_lightning_dit({"foo": np.zeros(3)}, num_classes=10)
+    with pytest.raises(CheckpointError, match="feat_rope.freqs_sin is not the 2D rotary table"):
+        load_lightning_dit({**sd, "feat_rope.freqs_sin": sd["feat_rope.freqs_sin"][:, ::-1]}, num_classes=10)
+    _, layer_normed = lightning_reference(**size, use_qknorm=True)
+    with pytest.raises(CheckpointError, match="use_qknorm but without use_rmsnorm"):
+        load_lightning_dit(layer_normed, num_classes=10)

@@ -256,3 +256,32 @@ def test_the_reader_refuses_an_empty_or_incomplete_cache(fake, tmp_path):
                                    {**manifest, "count": 0, "shards": [], "skipped": manifest["skipped"]})
     with pytest.raises(UserError, match="holds no images .2 source files were skipped"):
         LatentCache(tmp_path / "cache")
+
+
+class FakeRepaEncoder:
+    """Stands in for `dit.repa.load_dinov2` (its parity is tests/test_repa.py's): 4 tokens of 6 features that
+    depend on each image, in the encoder's interface."""
+
+    source, sha256, resolution, feature_shape = "fake-dinov2", "0" * 64, RES, (4, 6)
+
+    def features(self, images):
+        x = np.asarray(images, np.float32).reshape(len(images), 4, -1)
+        return np.stack([x.mean(-1), x.std(-1), x[..., 0], x[..., 1], -x.mean(-1), x.max(-1)], axis=-1)
+
+
+def test_repa_targets_are_the_encoders_features_of_the_unflipped_image_as_int8_directions(fake, tmp_path):
+    from dit.repa import int8_directions
+    root, _ = fake
+    run(root, tmp_path / "cache", repa_encoder=FakeRepaEncoder())
+    cache = LatentCache(tmp_path / "cache")
+    assert cache.has_repa and cache.repa_shape == (4, 6)
+    records = np.array([3, 0, len(cache) - 1])
+    targets = cache.read_repa(records)
+    mean, _, _ = cache.read(records, flips=1)
+    images = np.round((mean[:, 0] + 1) * 127.5).astype(np.uint8)  # the pixel autoencoder's latents are the images
+    np.testing.assert_array_equal(targets, int8_directions(FakeRepaEncoder().features(images)))
+    cosine = np.sum(targets * FakeRepaEncoder().features(images), -1) / (
+        np.linalg.norm(targets, axis=-1) * np.linalg.norm(FakeRepaEncoder().features(images), axis=-1))
+    assert cosine.min() > 0.999  # the stored directions are the features'
+    with pytest.raises(UserError, match="holds no REPA targets"):
+        LatentCache(run(root, tmp_path / "plain") and tmp_path / "plain").read_repa(records)

@@ -69,37 +69,59 @@ def test_fid_of_the_reference_images_themselves_is_zero(setup, tmp_path, capsys)
     assert "already exists" in capsys.readouterr().err
 
 
-def test_fid_during_training_then_from_the_run_directory(setup, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def trained(setup, tmp_path_factory):
+    """A tiny run trained with FID every 3 steps (checkpoints at 2, 3 and 4), whose config names its reference
+    and Inception weights; its metrics.jsonl records and summary. Tests that damage it work on a copy.
+    A large learning rate and no EMA averaging, so that 4 steps make the labels, and guidance, matter."""
     root, inception = setup
+    workdir = tmp_path_factory.mktemp("trained") / "run"
     run = RunConfig(
         model=ModelConfig(input_size=RES, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=3),
-        train=TrainConfig(steps=4, batch_size=8, ckpt_every=2, log_every=1),
-        eval=EvalConfig(every=3, num_samples=8, sampling_steps=2, batch_size=8),
+        train=TrainConfig(steps=4, batch_size=8, ckpt_every=2, log_every=1, lr=1e-2, ema_decay=0.0),
+        eval=EvalConfig(every=3, num_samples=8, sampling_steps=2, batch_size=8, reference=str(root / "ref.npz"),
+                        inception=str(root / "inception.safetensors")),
         data=DataConfig(cache=str(root / "cache")))
     from flax import nnx
     from dit.model import DiT
     graphdef = nnx.split(DiT(run.model, rngs=nnx.Rngs(0)))[0]
     reference = load_reference(root / "ref.npz")
     evaluator = FrechetEvaluator("fid", inception.features, reference, decoder_for(run.data), run, graphdef,
-                                 sample_dir=tmp_path / "run" / "samples")
-    summary = train(run, tmp_path / "run", CacheBatches(root / "cache", 8, seed=0), make_objective(run),
-                    progress=False, evaluate=evaluator)
+                                 sample_dir=workdir / "samples")
+    record = {"run_id": "tiny-run", "budget_params": 32_519_456, "gflops": 6.06, "dataset": "images",
+              "resolution": RES, "metric": "fid"}
+    summary = train(run, workdir, CacheBatches(root / "cache", 8, seed=0), make_objective(run), progress=False,
+                    evaluate=evaluator, record=record)
     from dit.rundir import read_metrics
-    records = read_metrics(tmp_path / "run")
+    return workdir, read_metrics(workdir), summary
+
+
+@pytest.fixture(scope="module")
+def single(trained, tmp_path_factory):
+    """`python -m dit.eval.fid --run` of the trained run at its own settings: the reference and the Inception
+    are the run's own (no --ref, no --inception)."""
+    out = tmp_path_factory.mktemp("single") / "fid.json"
+    assert main(["--run", str(trained[0]), "--num-samples", "8", "--out", str(out), "--batch", "8"]) == 0
+    return json.loads(out.read_text())
+
+
+def test_fid_during_training_then_from_the_run_directory(setup, trained, single, tmp_path, capsys):
+    import shutil
+    from dit.files import sha256_of
+    root, _ = setup
+    workdir, records, summary = trained
     evals = [r for r in records if "fid" in r]
     assert [r["step"] for r in evals] == [3, 4] and [r["step"] for r in records] == [1, 2, 3, 4]
     for r in evals:
         assert np.isfinite(r["fid"]) and r["fid"] > 0 and r["fid_samples"] == 8
         assert r["eval_s"] >= r["sample_s"] + r["features_s"] and "img_per_s" in r
-    assert (tmp_path / "run" / "samples" / "step_0000004.png").is_file()
+    assert (workdir / "samples" / "step_0000004.png").is_file()
     assert summary["last_metrics"]["fid"] == evals[-1]["fid"]
 
-    out = tmp_path / "fid.json"
-    assert main(["--run", str(tmp_path / "run"), "--ref", str(root / "ref.npz"), "--inception",
-                 str(root / "inception.safetensors"), "--num-samples", "8", "--out", str(out), "--batch", "8"]) == 0
-    result = json.loads(out.read_text())
+    result = single
     # The checkpoint's EMA with the run's sampling settings and seed: the number the loop logged.
     assert result["fid"] == pytest.approx(evals[-1]["fid"], rel=1e-4)
+    assert result["reference_sha256"] == sha256_of(root / "ref.npz")  # the run's own reference, by default
     for key in ("step", "seed", "sampler", "sampling_steps", "cfg_scale", "num_samples", "reference_sha256",
                 "inception_sha256", "inception_score", "sample_s", "decode_s", "features_s"):
         assert key in result, key
@@ -107,14 +129,74 @@ def test_fid_during_training_then_from_the_run_directory(setup, tmp_path, capsys
 
     # A damaged newest checkpoint: --run samples from the newest intact one and says so; --step of it is refused.
     from dit.eval.fid import sample_run
-    (tmp_path / "run" / "checkpoints" / "4" / "state" / "_METADATA").write_text("")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(workdir, damaged)
+    (damaged / "checkpoints" / "4" / "state" / "_METADATA").write_text("")
     capsys.readouterr()
-    _, settings = sample_run(tmp_path / "run", None, [], num_samples=8, seed=None, progress=False)
+    _, settings = sample_run(damaged, None, [], num_samples=8, seed=None, progress=False)
     assert settings["step"] == 3  # saved before its evaluation
     assert "checkpoint step 4 is damaged (state/_METADATA differs" in capsys.readouterr().err
     with pytest.raises(UserError, match="the checkpoint at step 4 .* is damaged"):
-        sample_run(tmp_path / "run", 4, [], num_samples=8, seed=None, progress=False)
-    assert (tmp_path / "run" / "checkpoints" / "4").is_dir()  # evaluation never moves or deletes checkpoints
+        sample_run(damaged, 4, [], num_samples=8, seed=None, progress=False)
+    assert (damaged / "checkpoints" / "4").is_dir()  # evaluation never moves or deletes checkpoints
+
+
+def test_a_sweep_writes_a_row_per_setting_and_a_killed_one_continues(setup, trained, single, tmp_path, capsys):
+    from ablations.leaderboard import read_rows
+    from dit.files import sha256_of
+    root, _ = setup
+    workdir, records, _ = trained
+    board = tmp_path / "lb.csv"
+    sweep = ["--run", str(workdir), "--num-samples", "8", "--leaderboard", str(board)]
+    assert main([*sweep, "--cfg-scale", "1,2"]) == 0
+    rows = read_rows(board)
+    assert [float(r["cfg_scale"]) for r in rows] == [1.0, 2.0]
+    for row in rows:  # the setting and its provenance in every row
+        assert (row["source"], row["run_id"], row["step"], row["metric"], row["num_samples"], row["seed"]) == (
+            "sweep", "tiny-run", "4", "fid", "8", "0")
+        assert (row["sampler"], row["sampling_steps"], row["guided_channels"]) == ("ddpm", "2", "3")
+        assert (float(row["guidance_low"]), float(row["guidance_high"])) == (0.0, 1.0)
+        assert row["reference_sha256"] == sha256_of(root / "ref.npz") and row["git_commit"] and row["date"]
+    assert rows[0]["value"] != rows[1]["value"]
+
+    # Scale 1 is the run's own setting, and a sweep gives sample i the noise any other evaluation gives it:
+    # its row is the single evaluation at scale 1 and the training-time evaluation of step 4.
+    assert single["cfg_scale"] == 1.0 and single["step"] == 4
+    assert float(rows[0]["value"]) == pytest.approx(single["fid"], rel=1e-5)
+    assert float(rows[0]["value"]) == pytest.approx([r for r in records if "fid" in r][-1]["fid"], rel=1e-5)
+
+    # Killed after scales 1 and 2: the same sweep with 3 added evaluates only 3, leaving the rows there as they are.
+    before = board.read_bytes()
+    capsys.readouterr()
+    assert main([*sweep, "--cfg-scale", "1,2,3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 2 and "1 rows added" in out
+    assert board.read_bytes().startswith(before)
+    assert [float(r["cfg_scale"]) for r in read_rows(board)] == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cfg-scale", "1,-1"], "-1 is not a guidance scale"),
+    (["--cfg-scale", "1,x"], "give values separated by commas"),
+    (["--guidance-interval", "0.5,0.2"], "0 <= LO < HI <= 1"),
+    (["--guidance-interval", "0,1.5"], "0 <= LO < HI <= 1"),
+    (["--guided-channels", "4"], "4 is not a count of this run's 3 latent channels"),
+    (["--sampler", "ddim,euler"], "'euler' does not fit this run's objective, ddpm"),
+    (["--sampling-steps", "0"], "0 steps"),
+    (["--cfg-scale", "1.5", "--step", "5"], "no checkpoint at step 5; it has 2, 3, 4"),
+    (["--cfg-scale", "1.5", "--set", "eval.batch_size=4"], "--set belong to the evaluation of one setting"),
+])
+def test_bad_sweep_settings_fail_before_anything_is_sampled(trained, tmp_path, capsys, monkeypatch, flags, message):
+    import dit.eval.evaluator
+    monkeypatch.setattr(dit.eval.evaluator, "generate_shares", lambda *a, **k: pytest.fail("sampled"))
+    err = fid_error(capsys, ["--run", str(trained[0]), "--leaderboard", str(tmp_path / "lb.csv"), *flags])
+    assert message in err
+    assert not (tmp_path / "lb.csv").exists()
+
+
+def test_sweep_options_need_a_run(weights_and_reference, capsys):
+    err = fid_error(capsys, ["--samples", "x.npz", "--cfg-scale", "1,2"])
+    assert "--cfg-scale sweep the settings of a run's checkpoint: give --run DIR" in err
 
 
 def test_the_runner_trains_on_images_encoded_on_the_fly_and_records_fid(setup, tmp_path):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dit.flow import create_flow, interpolate, velocity_target
+from dit.flow import create_flow, interpolate, shifted_times, velocity_target
 from dit.guidance import guided_model_fn
 
 SHAPE = (2, 4, 4, 3)
@@ -88,6 +88,44 @@ def test_loss_is_zero_for_the_exact_velocity():
     # The same field aimed at another point is penalised, so the zero above is not vacuous.
     wrong = flow.training_losses(point_mass_velocity(target + 0.5), x1, t, normal(4))["loss"]
     assert np.all(np.asarray(wrong) > 0.2)
+
+
+def test_cosine_loss_matches_lightningdit_formula_in_torch():
+    # LightningDiT (transport/transport.py): mean_flat(1 - cosine_similarity(model_output, ut, dim=1)) on NCHW,
+    # added to the mean squared velocity error with weight 1.
+    torch = pytest.importorskip("torch")
+    x1, noise, t, y = normal(1), normal(2), jnp.array([0.1, 0.8]), jnp.array([3, 5])
+    model_fn = lambda x, t, y: -0.7 * x + _column(t) + 0.1 * _column(y)
+    x_t = interpolate(x1, noise, t)
+    nchw = lambda a: torch.from_numpy(np.asarray(a, np.float64)).permute(0, 3, 1, 2)
+    v_pred, target = nchw(model_fn(x_t, t, y)), nchw(velocity_target(x1, noise))
+    cosine = (1 - torch.nn.functional.cosine_similarity(v_pred, target, dim=1)).mean(dim=(1, 2)).numpy()
+    mse = ((v_pred - target) ** 2).mean(dim=(1, 2, 3)).numpy()
+    terms = create_flow(cosine_weight=0.5).training_losses(model_fn, x1, t, noise, y=y)
+    np.testing.assert_allclose(terms["cosine"], cosine, rtol=1e-5)
+    np.testing.assert_allclose(terms["mse"], mse, rtol=1e-5)
+    np.testing.assert_allclose(terms["loss"], mse + 0.5 * cosine, rtol=1e-5)
+    assert "cosine" not in create_flow().training_losses(model_fn, x1, t, noise, y=y)
+    # A zero-initialised model's first output is zero: the gradient is finite (torch's: target / eps), not NaN.
+    zero = lambda x, t, y: 0.0 * x
+    grad = jax.grad(lambda s: create_flow(cosine_weight=1.0).training_losses(
+        lambda x, t, y: s * x, x1, t, noise, y=y)["loss"].sum())(0.0)
+    assert np.isfinite(grad) and np.isfinite(create_flow(cosine_weight=1.0).training_losses(zero, x1, t, noise, y=y)["loss"]).all()
+
+
+def test_timestep_shift_is_lightningdits_and_the_ode_steps_on_it():
+    grid = np.linspace(0, 1, 9)
+    # LightningDiT (transport/integrators.py, compute_tm): shift * t / (1 + (shift - 1) * t), off at 0.
+    expected = [0.3 * t / (1 + (0.3 - 1) * t) for t in grid]
+    np.testing.assert_allclose(shifted_times(jnp.asarray(grid, jnp.float32), 0.3), expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(shifted_times(jnp.asarray(grid), 0.0), grid)
+    # With v(x, t) = t, Euler adds sum_i t_i (t_{i+1} - t_i): it depends on the grid, so it shows the one used.
+    shifted = np.array(expected)
+    euler = np.sum(shifted[:-1] * np.diff(shifted))
+    out = create_flow().sample_ode(lambda x, t: jnp.broadcast_to(_column(t), x.shape), SHAPE, None, 8, "euler",
+                                   noise=jnp.zeros(SHAPE), shift=0.3)
+    np.testing.assert_allclose(out, euler, rtol=1e-5)
+    assert abs(euler - np.sum(grid[:-1] * np.diff(grid))) > 0.03  # 0.405 against 0.4375 unshifted
 
 
 # --- time sampling ---

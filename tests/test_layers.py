@@ -40,3 +40,15 @@ def test_swiglu_width_keeps_the_weight_count():
     cfg = ModelConfig(mlp="swiglu")
     assert cfg.mlp_hidden == 1024
     assert 3 * cfg.hidden_size * cfg.mlp_hidden == 2 * cfg.hidden_size * ModelConfig().mlp_hidden
+
+
+def test_norm_weight_scales_each_channel_after_normalising():
+    import jax
+    from dit.layers import Norm, layer_norm, rms_norm
+    x = jax.random.normal(jax.random.key(0), (2, 5, 16)) * 3 + 1
+    weighted = Norm("rmsnorm", 16, weight=True)
+    weighted.weight.set_value(jnp.arange(16, dtype=jnp.float32))
+    np.testing.assert_allclose(weighted(x), rms_norm(x) * jnp.arange(16), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(jnp.sqrt(jnp.mean(jnp.square(Norm("rmsnorm", 16)(x)), -1)), 1.0, rtol=1e-4)
+    np.testing.assert_array_equal(Norm("layernorm", 16)(x), layer_norm(x))
+    assert Norm("layernorm", 16).weight is None  # DiT's norms have no parameters

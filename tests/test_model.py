@@ -8,15 +8,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dit.config import ModelConfig
-from dit.model import DiT
+from ablations.presets import smoke
+from dit.config import ModelConfig, RunConfig
+from dit.model import DiT, DiTBlock, FinalLayer
 from tests.helpers import TINY, batch, randomized
-from variants.registry import FEATURES
+from variants.registry import FEATURES, REGISTERED, resolve
 
 
 @pytest.mark.parametrize("feature", sorted(FEATURES))
 def test_output_is_exactly_zero_at_init(feature):
-    fields = {k: v for k, v in FEATURES[feature].items() if k not in ("depth", "hidden_size", "num_heads")}
+    sizes = ("depth", "hidden_size", "num_heads", "learn_sigma")  # the tiny size, with learned sigma
+    fields = {k: v for k, v in FEATURES[feature].items() if k not in sizes}
     cfg = dataclasses.replace(TINY, **fields)
     model = DiT(cfg, rngs=nnx.Rngs(0))
     x, t, y = batch(cfg)
@@ -187,3 +189,73 @@ def test_remat_gives_the_same_gradients_as_none(remat, scan_blocks):
     assert len(expected) == len(got)
     for a, b in zip(expected, got):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_residual_stream_stays_float32_in_low_precision(name, monkeypatch):
+    seen = []
+
+    def recorded(call):
+        def wrapper(self, x, *args, **kwargs):
+            out = call(self, x, *args, **kwargs)
+            seen.append((call.__qualname__, x.dtype, out.dtype))
+            return out
+        return wrapper
+
+    monkeypatch.setattr(DiTBlock, "__call__", recorded(DiTBlock.__call__))
+    monkeypatch.setattr(FinalLayer, "__call__", recorded(FinalLayer.__call__))
+    for dtype in ("bfloat16", "float16"):
+        cfg = dataclasses.replace(smoke(RunConfig(model=resolve(name))).model, dtype=dtype)
+        graphdef, state = nnx.split(DiT(cfg, rngs=nnx.Rngs(0)))
+        jax.make_jaxpr(lambda s, x, t, y: nnx.merge(graphdef, s)(x, t, y))(state, *batch(cfg, n=2))
+    assert {call for call, _, _ in seen} == {"DiTBlock.__call__", "FinalLayer.__call__"}
+    # Every block's input and output and the final layer's input: only the final projection is low precision.
+    assert all(x == jnp.float32 for _, x, _ in seen)
+    assert all(out == jnp.float32 for call, _, out in seen if call == "DiTBlock.__call__")
+
+
+@pytest.mark.parametrize("pos_embed", ["rope", "sincos_rope"])
+def test_rope_low_precision_error_is_close_to_sincos(pos_embed):
+    base = ModelConfig(input_size=16, patch_size=2, hidden_size=128, depth=4, num_heads=2, num_classes=10)
+    weights = nnx.state(randomized(base))  # no position parameters: the same weights fit every pos_embed
+    x, t, y = batch(base)
+
+    def low_precision_error(pos_embed):
+        outputs = []
+        for dtype in ("float32", "bfloat16"):
+            model = DiT(dataclasses.replace(base, pos_embed=pos_embed, dtype=dtype), rngs=nnx.Rngs(1))
+            nnx.update(model, weights)
+            outputs.append(model(x, t, y))
+        return float(jnp.linalg.norm(outputs[1] - outputs[0]) / jnp.linalg.norm(outputs[0]))
+
+    assert low_precision_error(pos_embed) <= 1.4 * low_precision_error("sincos")
+
+
+def test_shared_adaln_is_initialised_as_pixart_alpha_adaln_single():
+    for shift, chunks in ((True, 6), (False, 4)):
+        model = DiT(dataclasses.replace(ModelConfig(), adaln="shared", adaln_shift=shift), rngs=nnx.Rngs(0))
+        # PixArt-alpha: each block's scale_shift_table randn(6, d) / sqrt(d); t_block's linear N(0, 0.02), bias 0.
+        tables = np.asarray(model.blocks.adaln_offset[...])
+        assert tables.shape == (12, chunks * 384)
+        assert abs(tables.std() - 1 / np.sqrt(384)) < 0.03 / np.sqrt(384) and abs(tables.mean()) < 0.002
+        assert not np.allclose(tables[0], tables[1])  # every block drew its own table
+        kernel = np.asarray(model.shared_adaln.kernel[...])
+        assert kernel.shape == (384, chunks * 384) and abs(kernel.std() - 0.02) < 0.0005 and abs(kernel.mean()) < 0.0005
+        assert not np.any(np.asarray(model.shared_adaln.bias[...]))
+
+
+def test_wo_shift_equals_adaln_with_zero_shifts():
+    shifted = randomized(TINY)
+    d = TINY.hidden_size
+    unshifted = DiT(dataclasses.replace(TINY, adaln_shift=False), rngs=nnx.Rngs(1))
+    nnx.update(unshifted, nnx.state(shifted))  # everything but the blocks' modulation has the same shape
+    kernel = np.array(shifted.blocks.adaln_modulation.kernel[...]).reshape(TINY.depth, d, 6, d)
+    bias = np.array(shifted.blocks.adaln_modulation.bias[...]).reshape(TINY.depth, 6, d)
+    kernel[:, :, [0, 3]], bias[:, [0, 3]] = 0, 0  # shift_msa and shift_mlp
+    shifted.blocks.adaln_modulation.kernel.set_value(jnp.asarray(kernel.reshape(TINY.depth, d, 6 * d)))
+    shifted.blocks.adaln_modulation.bias.set_value(jnp.asarray(bias.reshape(TINY.depth, 6 * d)))
+    kept = [1, 2, 4, 5]  # scale and gate of attention, then of the MLP: LightningDiT's wo_shift order
+    unshifted.blocks.adaln_modulation.kernel.set_value(jnp.asarray(kernel[:, :, kept].reshape(TINY.depth, d, 4 * d)))
+    unshifted.blocks.adaln_modulation.bias.set_value(jnp.asarray(bias[:, kept].reshape(TINY.depth, 4 * d)))
+    x, t, y = batch(TINY)
+    np.testing.assert_allclose(unshifted(x, t, y), shifted(x, t, y), rtol=1e-5, atol=1e-6)

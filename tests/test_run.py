@@ -52,7 +52,8 @@ def test_list_shows_variants_and_presets(tmp_path):
     assert out.returncode == 0
     lines = out.stdout.splitlines()
     assert any(l.startswith("variant baseline") and "32,519,456" in l for l in lines)
-    assert {l.split()[1] for l in lines if l.startswith("preset")} == {"in100", "demo", "smoke"}
+    assert {l.split()[1] for l in lines if l.startswith("preset")} == {
+        "in100", "in100_flow_repa", "demo", "demo_paper", "demo_flow_repa", "smoke"}
 
 
 # End to end with the smoke preset. One working directory for the module: the digits data and their

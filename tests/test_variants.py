@@ -21,7 +21,7 @@ from variants.registry import ALIASES, FEATURES
 def test_names_compose_and_aliases_expand():
     assert split_features("rope_swiglu") == ["rope", "swiglu"]
     assert split_features("shared_adaln_deep17") == ["shared_adaln", "deep17"]
-    assert split_features("lightning") == ["rope", "swiglu", "rmsnorm", "qknorm"]
+    assert split_features("lightning") == ["sincos_rope", "swiglu", "rmsnorm_weighted", "no_sigma"]
     assert resolve("rope_swiglu") == dataclasses.replace(resolve("baseline"), pos_embed="rope", mlp="swiglu")
     assert resolve("lightning") == resolve(ALIASES["lightning"])
 
@@ -60,6 +60,23 @@ def test_expected_parameter_counts():
     assert check_budget("shared_adaln", resolve("shared_adaln")).params == 32_519_456 - 11 * 887_040 + 12 * 2_304
 
 
+def test_lightning_is_lightningdits_architecture():
+    cfg = resolve("lightning")
+    # LightningDiT's released switches (use_swiglu, use_rope, use_rmsnorm; no QK-norm, shifts kept) and its
+    # class default learn_sigma=False; tests/test_convert.py checks this config against a LightningDiT state dict.
+    assert (cfg.pos_embed, cfg.mlp, cfg.mlp_hidden, cfg.norm, cfg.final_norm, cfg.norm_weight) == (
+        "sincos_rope", "swiglu", 1024, "rmsnorm", "rmsnorm", True)
+    assert (cfg.qk_norm, cfg.adaln_shift, cfg.learn_sigma, cfg.adaln) == (False, True, False, "per_block")
+    # The baseline + 12 x 512 SwiGLU biases + 25 norm weights of 384 - the sigma outputs (384 x 16 + 16).
+    assert check_budget("lightning", cfg).params == 32_519_456 + 12 * 512 + 25 * 384 - 6_160 == 32_529_040
+    with pytest.raises(UserError, match="disagree on model.pos_embed"):
+        resolve("lightning_rope")
+
+
+def test_wo_shift_drops_the_shift_rows_of_every_modulation():
+    assert check_budget("wo_shift", resolve("wo_shift")).params == 32_519_456 - 12 * 2 * (384 * 384 + 384)
+
+
 def test_budget_refuses_an_over_budget_config():
     with pytest.raises(OverBudget, match="over the budget of 33,000,000 by 2,179,424"):
         check_budget("baseline", dataclasses.replace(resolve("baseline"), depth=13))
@@ -75,7 +92,7 @@ def test_features_that_disagree_fail(monkeypatch):
 
 
 @pytest.mark.parametrize("name, feature", [("rope_rope", "rope"), ("swiglu_rope_swiglu", "swiglu"),
-                                           ("lightning_rope", "rope")])
+                                           ("lightning_swiglu", "swiglu")])
 def test_a_feature_named_twice_fails(name, feature):
     with pytest.raises(UserError, match=f"variant '{name}' names the feature '{feature}' twice"):
         resolve(name)

@@ -16,13 +16,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     costs = [measure(name, resolve(name)) for name in REGISTERED]
     if args.json:
-        rows = [dict(name=c.name, params=c.params, gflops=round(c.gflops, 4), within_budget=c.within_budget)
-                for c in costs]
+        rows = [dict(name=c.name, params=c.params, gflops=round(c.gflops, 4), within_budget=c.within_budget,
+                     repa_training_only_params=c.repa_params) for c in costs]
         print(json.dumps(rows, indent=1))
     else:
-        print(f"{'variant':<24}{'params':>14}{'GFLOPs':>9}  budget {BUDGET:,}")
+        print(f"{'variant':<24}{'params':>14}{'GFLOPs':>9}  {'budget ' + format(BUDGET, ','):<20}"
+              f"{'+ REPA projector (training only)':>34}")
         for c in costs:
-            print(f"{c.name:<24}{c.params:>14,}{c.gflops:>9.2f}  {'ok' if c.within_budget else 'OVER'}")
+            print(f"{c.name:<24}{c.params:>14,}{c.gflops:>9.2f}  {'ok' if c.within_budget else 'OVER':<20}"
+                  f"{c.repa_params:>34,}")
     over = [c.name for c in costs if not c.within_budget]
     if over:
         print(f"error: over the {BUDGET:,}-parameter budget: {', '.join(over)}; shrink them or remove them "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dit.config import ModelConfig
+from dit.config import ModelConfig, TrainConfig
 from dit.counting import count_gflops, count_params
 from dit.errors import UserError
 from variants.registry import reference_geometry
@@ -21,16 +21,24 @@ class VariantCost:
     name: str
     params: int  # trainable, at 100 classes and 32x32x4 latents
     gflops: float  # multiply-accumulates of one forward of one image, / 1e9
+    repa_params: int = 0  # training-only: REPA's projector at this width (train.repa_* defaults), outside the budget
 
     @property
     def within_budget(self) -> bool:
         return self.params <= BUDGET
 
 
-def measure(name: str, cfg: ModelConfig) -> VariantCost:
-    """Parameters and GFLOPs of a model config at the budget's reference geometry, from shapes alone."""
+def measure(name: str, cfg: ModelConfig, train: TrainConfig = TrainConfig()) -> VariantCost:
+    """Parameters and GFLOPs of a model config at the budget's reference geometry, from shapes alone, and the
+    training-only parameters REPA adds (its projector; the budget is the sampling model's)."""
     reference = reference_geometry(cfg)
-    return VariantCost(name, count_params(reference), count_gflops(reference))
+    return VariantCost(name, count_params(reference), count_gflops(reference), repa_projector_params(cfg, train))
+
+
+def repa_projector_params(cfg: ModelConfig, train: TrainConfig) -> int:
+    """REPA's projector: three linear layers, width -> repa_projector_dim -> repa_projector_dim -> repa_target_dim."""
+    sizes = (cfg.hidden_size, train.repa_projector_dim, train.repa_projector_dim, train.repa_target_dim)
+    return sum((a + 1) * b for a, b in zip(sizes, sizes[1:]))
 
 
 def check_budget(name: str, cfg: ModelConfig) -> VariantCost:

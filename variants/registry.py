@@ -15,9 +15,15 @@ from dit.errors import UserError
 FEATURES: dict[str, dict] = {
     "baseline": {},
     "rope": {"pos_embed": "rope"},  # 2D axial rotary embedding on q, k; no absolute position embedding
+    "sincos_rope": {"pos_embed": "sincos_rope"},  # the absolute sin-cos embedding and RoPE, as LightningDiT
     "swiglu": {"mlp": "swiglu"},  # hidden 1024 = 2/3 x 1536: the same weight count as the GELU MLP
     "qknorm": {"qk_norm": True},
-    "rmsnorm": {"norm": "rmsnorm"},
+    "rmsnorm": {"norm": "rmsnorm"},  # in the blocks only; the final layer keeps DiT's LayerNorm
+    # LightningDiT's RMSNorm: a learned weight, in the blocks and the final layer (+9,600 parameters)
+    "rmsnorm_weighted": {"norm": "rmsnorm", "final_norm": "rmsnorm",
+                         "norm_weight": True},
+    "no_sigma": {"learn_sigma": False},  # predict only the noise (or velocity): LightningDiT's default
+    "wo_shift": {"adaln_shift": False},  # adaLN scales and gates only, as LightningDiT's wo_shift
     "shared_adaln": {"adaln": "shared"},  # frees ~9.7M parameters (11 of 12 modulation networks)
     "deep17": {"depth": 17},  # spends the freed budget on depth; over budget without shared_adaln
     "wide448": {"hidden_size": 448, "num_heads": 7},  # ... or on width (head dim stays 64)
@@ -27,7 +33,9 @@ FEATURES: dict[str, dict] = {
 
 # Names that stand for a combination.
 ALIASES: dict[str, str] = {
-    "lightning": "rope_swiglu_rmsnorm_qknorm",  # LightningDiT's architecture changes
+    # LightningDiT's architecture at S/2 as its code builds it with its released config (use_swiglu,
+    # use_rope, use_rmsnorm; use_qknorm and wo_shift off; learn_sigma off, the class default)
+    "lightning": "sincos_rope_swiglu_rmsnorm_weighted_no_sigma",
 }
 
 # What `python -m variants` lists and CI holds to the budget.

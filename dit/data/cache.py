@@ -5,6 +5,9 @@ Layout of a cache directory:
     extract.json            the settings it is being built with (a restart must use the same ones)
     shard-00000/            one directory per run of `shard_size` consecutive source files
         mean.npy, std.npy   (n, 2, h, w, c), index 1 of axis 1 is the horizontally flipped image
+        repa.npy            (n, tokens, dim) int8, only with --repa-encoder: the DINOv2 features of the
+                            unflipped image that REPA aligns with, each token scaled to its largest value
+                            (REPA's loss sees only their directions)
         label.npy           (n,) int32
         index.npy           (n,) int64, the file's position in the sorted file list
         stats.json          per-channel sums of the means, and the files this shard skipped
@@ -55,6 +58,7 @@ class Shard:
     label: np.ndarray
     index: np.ndarray
     skipped: list[tuple[str, str]]  # (path, reason)
+    repa: np.ndarray | None = None  # (n, tokens, dim) int8 REPA targets
 
     def stats(self) -> dict:
         means = self.mean.astype(np.float64).reshape(-1, self.mean.shape[-1])
@@ -69,8 +73,9 @@ def write_shard(directory: Path, k: int, shard: Shard) -> None:
     tmp = directory / f".tmp-{shard_name(k)}-{uuid.uuid4().hex}"
     tmp.mkdir()
     try:
-        for name in ("mean", "std", "label", "index"):
-            _save_npy(tmp / f"{name}.npy", getattr(shard, name))
+        for name in ("mean", "std", "label", "index", "repa"):
+            if getattr(shard, name) is not None:
+                _save_npy(tmp / f"{name}.npy", getattr(shard, name))
         (tmp / "stats.json").write_text(json.dumps(shard.stats()))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # on a full disk, free what the half-written shard took
@@ -178,7 +183,9 @@ class LatentCache:
                 f"the latent cache {self.directory} holds no images ({len(self.manifest.get('skipped', []))} "
                 f"source files were skipped as unreadable, listed under \"skipped\" in {manifest_path}): nothing "
                 f"to train on. Extract a folder of readable images into a new directory.")
-        missing = [f"{s['name']}/{name}.npy" for s in self.manifest["shards"] for name in ("mean", "std", "label")
+        self.has_repa = bool(self.manifest.get("repa"))
+        arrays = ("mean", "std", "label") + (("repa",) if self.has_repa else ())
+        missing = [f"{s['name']}/{name}.npy" for s in self.manifest["shards"] for name in arrays
                    if not (self.directory / s["name"] / f"{name}.npy").is_file()]
         if missing:
             raise UserError(
@@ -206,6 +213,14 @@ class LatentCache:
                             f"{array.dtype} {array.shape}, where its manifest and first shard say {dtype} "
                             f"{expected}. Copy the whole cache directory again, or extract it again into a "
                             f"new directory.")
+            if self.has_repa:
+                for s, arrays in zip(self.manifest["shards"], shards):
+                    arrays["repa"] = self._map(s, "repa")
+                    if arrays["repa"].dtype != np.int8 or len(arrays["repa"]) != s["count"]:
+                        raise UserError(
+                            f"the latent cache {self.directory} is damaged: {s['name']}/repa.npy holds "
+                            f"{arrays['repa'].dtype} {arrays['repa'].shape}, where int8 ({s['count']}, tokens, dim) "
+                            f"is expected. Extract it again into a new directory.")
             self._shards = shards
         return self._shards
 
@@ -231,26 +246,51 @@ class LatentCache:
     def read(self, records: np.ndarray, flips: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Records -> (mean (n, flips, h, w, c), std, label (n,)) in the records' order; `flips=1` reads
         only the unflipped images. One gather per shard the records fall in, not a read per record."""
-        records = np.asarray(records)
-        if len(records) and not 0 <= records.min() <= records.max() < len(self):
-            raise IndexError(f"records outside 0..{len(self) - 1} of the cache {self.directory}")
-        if self._items is None:
-            self._items = [{name: _as_items(a) for name, a in s.items()} for s in self._open()]
-        order = np.argsort(records)  # grouped by shard, ascending within one
-        ascending = records[order]
-        bounds = np.searchsorted(ascending, self._starts).tolist()  # shard k: ascending[bounds[k]:bounds[k + 1]]
-        rows = ascending - np.repeat(self._starts[:-1], np.diff(bounds))
+        records = self._check(records)
         # One allocation for both: glibc keeps a freed block this large for the next batch, where it gave two
         # half-size ones back to the kernel each time (measured: 1,000 page faults a batch, more than the copy).
         # Whole records (both flips) are gathered, as contiguous items; `flips=1` returns a view of the first.
         both = _aligned_empty((2, len(records), 2, *self.latent_shape), self.dtype)
         for out, name in zip(both, ("mean", "std")):
-            out = _as_items(out)
-            for k in range(len(bounds) - 1):
-                if bounds[k + 1] > bounds[k]:
-                    at = slice(bounds[k], bounds[k + 1])
-                    out[order[at]] = self._items[k][name][rows[at]]
+            self._gather(records, name, out)
         return both[0, :, :flips], both[1, :, :flips], self.labels[records].astype(np.int32)
+
+    @property
+    def repa_shape(self) -> tuple[int, int]:
+        """(tokens, dim) of the REPA targets; a UserError naming the fix when the cache has none."""
+        if not self.has_repa:
+            raise UserError(
+                f"the latent cache {self.directory} holds no REPA targets (train.repa_weight > 0 needs them): "
+                f"extract the images again with `python -m dit.data.extract ... --repa-encoder "
+                f"DINOV2_SAFETENSORS --out NEW_DIR`, or set train.repa_weight=0.")
+        return tuple(self._open()[0]["repa"].shape[1:])
+
+    def read_repa(self, records: np.ndarray) -> np.ndarray:
+        """Records -> their int8 REPA targets (n, tokens, dim), in the records' order."""
+        shape = self.repa_shape
+        records = self._check(records)
+        return self._gather(records, "repa", _aligned_empty((len(records), *shape), np.int8))
+
+    def _check(self, records) -> np.ndarray:
+        records = np.asarray(records)
+        if len(records) and not 0 <= records.min() <= records.max() < len(self):
+            raise IndexError(f"records outside 0..{len(self) - 1} of the cache {self.directory}")
+        return records
+
+    def _gather(self, records: np.ndarray, name: str, out: np.ndarray) -> np.ndarray:
+        """Copies array `name` of the records into `out` (n, ...), one gather per shard."""
+        if self._items is None:
+            self._items = [{key: _as_items(a) for key, a in s.items()} for s in self._open()]
+        order = np.argsort(records)  # grouped by shard, ascending within one
+        ascending = records[order]
+        bounds = np.searchsorted(ascending, self._starts).tolist()  # shard k: ascending[bounds[k]:bounds[k + 1]]
+        rows = ascending - np.repeat(self._starts[:-1], np.diff(bounds))
+        items = _as_items(out)
+        for k in range(len(bounds) - 1):
+            if bounds[k + 1] > bounds[k]:
+                at = slice(bounds[k], bounds[k + 1])
+                items[order[at]] = self._items[k][name][rows[at]]
+        return out
 
 
 def _as_items(array: np.ndarray) -> np.ndarray:

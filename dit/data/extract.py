@@ -30,6 +30,7 @@ from dit.data.images import ImageSet, find_images, load_images
 from dit.errors import UserError, check_sizes, report
 from dit.files import is_disk_full
 from dit.mesh import BATCH_AXIS, data_mesh
+from dit.repa import int8_directions
 
 # What the real ImageNet-100 holds; printed next to what was found, so a partial copy shows at once.
 IMAGENET100_COUNTS = {"train": 126_689, "val": 5_000}
@@ -70,10 +71,12 @@ def _files_digest(image_set: ImageSet) -> str:
 
 def extract(data: str | Path, autoencoder: Autoencoder, out: str | Path, *, resolution: int = 256,
             split: str = "train", batch_size: int = 64, shard_size: int = 1024, dtype: str = "float16",
-            scale_factor: float | None = None, name: str | None = None, progress: bool = True) -> dict | None:
+            scale_factor: float | None = None, name: str | None = None, progress: bool = True,
+            repa_encoder=None) -> dict | None:
     """Builds (or completes) the cache in `out`; returns its manifest, or None while other processes'
     shards are still missing. `name` is the dataset's name in results (default: imagenet100 for the
-    Kaggle layout, else the root folder's name)."""
+    Kaggle layout, else the root folder's name). With a `repa_encoder` (`dit.repa.load_dinov2`) each
+    record also stores REPA's targets, the encoder's features of the unflipped image."""
     check_sizes({"--resolution": (resolution, 256), "--batch": (batch_size, 64), "--shard-size": (shard_size, 1024)})
     image_set = find_images(data, split)
     out = Path(out)
@@ -91,7 +94,11 @@ def extract(data: str | Path, autoencoder: Autoencoder, out: str | Path, *, reso
         "autoencoder": {"source": autoencoder.source, "sha256": autoencoder.sha256},
         "scale_factor": float(scale_factor if scale_factor is not None else _scale_factor(autoencoder)),
         "dtype": dtype, "shard_size": shard_size, "num_files": len(image_set), "files_sha256": _files_digest(image_set),
+        "repa": {"source": repa_encoder.source, "sha256": repa_encoder.sha256} if repa_encoder else None,
     }
+    if repa_encoder is not None and repa_encoder.resolution != resolution:
+        raise UserError(f"--resolution {resolution} differs from the REPA encoder's {repa_encoder.resolution}; "
+                        f"load the encoder at the crop's resolution.")
     ranges = latent_cache.shard_ranges(len(image_set), shard_size)
     with _disk_full_is_a_user_error(out, len(ranges)):
         _check_settings(out, settings)
@@ -110,7 +117,7 @@ def extract(data: str | Path, autoencoder: Autoencoder, out: str | Path, *, reso
         for k in todo:
             batches = [np.arange(s, min(s + batch_size, ranges[k][1])) for s in range(*ranges[k], batch_size)]
             pending = reader.submit(load_images, image_set, batches[0], resolution)
-            means, stds, labels, indices, skipped = [], [], [], [], []
+            means, stds, labels, indices, skipped, targets = [], [], [], [], [], []
             for i in range(len(batches)):
                 images, good, bad = pending.result()
                 if i + 1 < len(batches):
@@ -118,7 +125,10 @@ def extract(data: str | Path, autoencoder: Autoencoder, out: str | Path, *, reso
                 skipped += [(str(path), reason) for path, reason in bad]
                 if len(good):
                     padded = -len(good) % devices  # the last batch pads up to the device count
-                    mean, std = encode(np.concatenate([images, np.repeat(images[-1:], padded, 0)]))
+                    full = np.concatenate([images, np.repeat(images[-1:], padded, 0)])
+                    mean, std = encode(full)
+                    if repa_encoder is not None:
+                        targets.append(int8_directions(repa_encoder.features(full))[:len(good)])
                     means.append(mean[:len(good)].astype(dtype))
                     stds.append(std[:len(good)].astype(dtype))
                     labels.append(np.asarray([image_set.files[j][1] for j in good], np.int32))
@@ -133,7 +143,8 @@ def extract(data: str | Path, autoencoder: Autoencoder, out: str | Path, *, reso
                 labels, indices = [np.zeros(0, np.int32)], [np.zeros(0, np.int64)]
             with _disk_full_is_a_user_error(out, len(ranges)):
                 latent_cache.write_shard(out, k, latent_cache.Shard(
-                    np.concatenate(means), np.concatenate(stds), np.concatenate(labels), np.concatenate(indices), skipped))
+                    np.concatenate(means), np.concatenate(stds), np.concatenate(labels), np.concatenate(indices), skipped,
+                    repa=_repa_rows(targets, repa_encoder)))
     elapsed = time.perf_counter() - start
     if done:
         print(f"encoded {done:,} images (x2 with flips) in {elapsed:.1f} s: {done / elapsed:.1f} img/s")
@@ -152,6 +163,12 @@ def extract(data: str | Path, autoencoder: Autoencoder, out: str | Path, *, reso
             print(f"  {item['path']}: {item['reason']}")
     print(f"cache complete: {manifest['count']:,} images x 2 flips in {out}")
     return manifest
+
+
+def _repa_rows(targets: list[np.ndarray], repa_encoder) -> np.ndarray | None:
+    if repa_encoder is None:
+        return None
+    return np.concatenate(targets) if targets else np.zeros((0, *repa_encoder.feature_shape), np.int8)
 
 
 @contextmanager
@@ -231,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="storage dtype")
     parser.add_argument("--vae-dtype", default="float32", choices=("float32", "bfloat16"),
                         help="compute dtype of the VAE's convolutions")
+    parser.add_argument("--repa-encoder", help="facebook/dinov2-base model.safetensors (or its folder): also store "
+                                               "REPA's targets, int8, 196 KB an image at 256 (train.repa_weight)")
     parser.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-process extraction")
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
@@ -240,9 +259,14 @@ def main(argv: list[str] | None = None) -> int:
                      "--shard-size": (args.shard_size, 1024)})
         from dit.distributed import initialize
         initialize(args.coordinator, args.num_processes, args.process_id)
+        repa_encoder = None
+        if args.repa_encoder:
+            from dit.repa import load_dinov2
+            repa_encoder = load_dinov2(args.repa_encoder, resolution=args.resolution)
         autoencoder = load_autoencoder(args.vae, args.vae_dtype)
         extract(args.data, autoencoder, args.out, resolution=args.resolution, split=args.split,
-                batch_size=args.batch, shard_size=args.shard_size, dtype=args.dtype, name=args.name)
+                batch_size=args.batch, shard_size=args.shard_size, dtype=args.dtype, name=args.name,
+                repa_encoder=repa_encoder)
     except UserError as error:
         return report(error)
     return 0

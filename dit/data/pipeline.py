@@ -76,20 +76,24 @@ class CacheBatches:
     each record (only the unflipped one with `flip=False`); state = batches handed out."""
 
     def __init__(self, cache: LatentCache | str | Path, global_batch: int, seed: int, *,
-                 process_index: int | None = None, process_count: int | None = None, flip: bool = True):
+                 process_index: int | None = None, process_count: int | None = None, flip: bool = True,
+                 repa: bool = False):
         cache = cache if isinstance(cache, LatentCache) else LatentCache(cache)
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
-        self.cache, self.flip = cache, flip
+        self.cache, self.flip, self.repa = cache, flip, repa
         self.order = EpochOrder(len(cache), global_batch, seed, process_index, process_count)
-        self.batch_format = BatchFormat(dtype=cache.dtype.name, flip=flip, scale_factor=cache.scale_factor)
+        repa_shape = cache.repa_shape if repa else ()  # a cache without targets: a clear error
+        self.batch_format = BatchFormat(dtype=cache.dtype.name, flip=flip, scale_factor=cache.scale_factor,
+                                        repa_shape=repa_shape)
         self.batches = 0
 
     def next(self) -> Batch:
         epoch, records = self.order.batch(self.batches)
         mean, std, label = self.cache.read(records, flips=2 if self.flip else 1)
+        targets = self.cache.read_repa(records) if self.repa else None
         self.batches += 1
-        return Batch(mean, std, label, *_batch_ids(epoch, records))
+        return Batch(mean, std, label, *_batch_ids(epoch, records), repa=targets)
 
     def get_state(self) -> dict:
         return {"batches": self.batches}

@@ -28,7 +28,7 @@ class TrainingData:
         from dit.autoencoder import on_the_fly_scale_factor
         from dit.data.pipeline import CacheBatches, ImageBatches
         if self.cache is not None:
-            return CacheBatches(self.cache, train.batch_size, train.seed, flip=data.flip)
+            return CacheBatches(self.cache, train.batch_size, train.seed, flip=data.flip, repa=train.repa_weight > 0)
         return ImageBatches(data.images, self.autoencoder, on_the_fly_scale_factor(data.vae), data.resolution,
                             train.batch_size, train.seed, workers=data.workers, flip=data.flip)
 
@@ -37,8 +37,20 @@ class TrainingData:
         from dit.autoencoder import decoder_for
         return decoder_for(data, self.autoencoder)
 
-    def check_model(self, model: ModelConfig, where: str) -> None:
-        """The model must take these latents and labels; the error says which --set fixes it."""
+    def check_model(self, model: ModelConfig, where: str, repa: bool = False) -> None:
+        """The model must take these latents and labels (and with `repa`, the data must hold REPA targets with
+        one token per model token); the error says which --set fixes it."""
+        if repa:
+            if self.cache is None:
+                raise UserError("train.repa_weight > 0 needs REPA targets, which only a latent cache holds "
+                                "(`python -m dit.data.extract ... --repa-encoder DINOV2`); train from that cache "
+                                "(data.cache) instead of images on the fly, or set train.repa_weight=0.")
+            tokens = self.cache.repa_shape[0]
+            if tokens != model.num_tokens:
+                raise UserError(
+                    f"{where} holds REPA targets of {tokens} tokens, but the model makes {model.num_tokens} "
+                    f"(a {model.grid_size}x{model.grid_size} grid of patches); REPA aligns them one to one. Use a "
+                    f"patch size whose grid matches, or set train.repa_weight=0.")
         shape = (model.input_size, model.input_size, model.in_channels)
         if self.latent_shape != shape or self.num_classes != model.num_classes:
             h, w, c = self.latent_shape

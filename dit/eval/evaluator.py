@@ -1,8 +1,8 @@
 """Evaluation of the EMA model: N class-balanced samples -> features -> Frechet distance, and a grid.
 
-One evaluator serves the training loop (every `eval.every` steps) and `python -m dit.eval.fid`. With the
-FID Inception and ImageNet statistics it is FID-N; with another feature network (the demo's small
-classifier) it is a Frechet distance of that network, and carries that network's name, not "fid".
+One evaluator serves the training loop (every `eval.every` steps) and the sweeps of `python -m dit.eval.fid
+--run`. With the FID Inception and ImageNet statistics it is FID-N; with another feature network (the demo's
+small classifier) it is a Frechet distance of that network, and carries that network's name, not "fid".
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from dit.config import RunConfig
+from dit.errors import UserError
 from dit.eval.metrics import frechet_distance, statistics
 from dit.eval.reference import Reference
 from dit.sample import Decoder, generate_shares, save_grid
@@ -33,16 +34,17 @@ class FrechetEvaluator:
     graphdef: object
     sample_dir: Path | None = None  # sample grids go here (process 0 only, of its own samples)
     progress: bool = False
+    seed: int | None = None  # of the sampling noise; None: train.seed
 
     def __call__(self, step: int, ema_params) -> dict:
         """The metric and its timings, for metrics.jsonl: {name: value, name_samples: N, eval_s, ...}."""
         cfg = self.run.eval
         timings: dict = {}
         started = time.perf_counter()
-        # The same seed at every evaluation: the curve over steps then compares the same noise.
-        samples = generate_shares(self.graphdef, ema_params, self.run.model, self.run.train, cfg,
-                                  seed=self.run.train.seed, decoder=self.decoder, progress=self.progress,
-                                  timings=timings)
+        # The same seed at every evaluation: the curve over steps (and a sweep's settings) compare the same noise.
+        seed = self.run.train.seed if self.seed is None else self.seed
+        samples = generate_shares(self.graphdef, ema_params, self.run.model, self.run.train, cfg, seed=seed,
+                                  decoder=self.decoder, progress=self.progress, timings=timings)
         images = samples.images  # this process's share: each image is embedded once, where it was made
         if images.shape[-1] == 1:
             images = np.repeat(images, 3, axis=-1)
@@ -57,3 +59,36 @@ class FrechetEvaluator:
                       self.sample_dir / f"step_{step:07d}.png")
         return {self.name: value, f"{self.name}_samples": len(features),
                 "eval_s": time.perf_counter() - started, **timings}
+
+
+def build_evaluator(config: RunConfig, data, sample_dir: Path | None = None, reference: str = "",
+                    inception: str = "") -> FrechetEvaluator:
+    """The metric of a run's data (`data`: its `dit.data.source.TrainingData`): FID with the Inception
+    (eval.reference, eval.inception), or the digits classifier's Frechet distance. A `reference` (and
+    `inception`) given here evaluate FID against them whatever the run's own metric."""
+    from flax import nnx
+
+    from dit.model import DiT
+    if config.eval.metric == "fid" or reference:
+        from dit.eval.inception import FEATURES, load_inception
+        from dit.eval.reference import load_reference
+        path = reference or config.eval.reference
+        if not path:
+            raise UserError("eval.metric=fid needs reference statistics: make them with `python -m dit.eval.ref_stats "
+                            "--data IMAGENET100_ROOT --out FILE.npz` and pass --set eval.reference=FILE.npz.")
+        network = load_inception(inception or config.eval.inception or None)
+        name, embed = "fid", network.features
+        real = load_reference(path, network, dims=FEATURES)
+    else:
+        from dit.eval.digits_classifier import FEATURES, digits_reference, load_or_train
+        if data.cache is None:
+            raise UserError("eval.metric=fd_digits is the built-in digits' metric and is computed from their latent "
+                            "cache (data.cache); with data.images, evaluate FID: --set eval.metric=fid --set "
+                            "eval.reference=FILE.npz (from `python -m dit.eval.ref_stats`).")
+        classifier = load_or_train(data.cache.directory)
+        name, embed = config.eval.metric, classifier.features
+        real = digits_reference(data.cache.directory, classifier)
+        real.check(FEATURES)  # built from the classifier's own features: cheap, and catches a changed head
+    graphdef = nnx.split(nnx.eval_shape(lambda: DiT(config.model, rngs=nnx.Rngs(0))))[0]
+    return FrechetEvaluator(name, embed, real, data.decoder(config.data), config, graphdef,
+                            sample_dir=sample_dir)

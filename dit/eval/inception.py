@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dit.errors import UserError
+from dit.errors import UserError, key_mismatch
 from dit.files import sha256_of
 from dit.mesh import batch_sharded, data_mesh, replicated
 
@@ -412,17 +412,11 @@ def check_state_dict(sd: Mapping[str, np.ndarray], source: str | None = None) ->
     """pytorch-fid's state dict as float32 arrays, num_batches_tracked dropped; every key known, none missing."""
     expected = torch_key_shapes()
     given = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
-    unexpected = sorted(set(given) - set(expected))
-    missing = sorted(set(expected) - set(given))
     where = f" in {source}" if source else ""
-    if unexpected or missing:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} keys are missing, such as {', '.join(missing[:5])}")
-        if unexpected:
-            problems.append(f"{len(unexpected)} keys are unexpected, such as {', '.join(unexpected[:5])}")
+    problems = key_mismatch(expected, given)
+    if problems:
         raise InceptionError(
-            f"the Inception weights{where} are not pytorch-fid's FID Inception: {'; '.join(problems)}. Give "
+            f"the Inception weights{where} are not pytorch-fid's FID Inception: {problems}. Give "
             f"{FID_WEIGHTS_NAME} (from {FID_WEIGHTS_URL}) or its converted .safetensors copy."
         )
     checked = {}
