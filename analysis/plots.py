@@ -163,18 +163,16 @@ def metric_vs_cfg_scale(frame: pd.DataFrame, metric: str, colors: dict | None = 
     # The settings that differ between lines go into the labels; those shared by all go into the title.
     varying = [c for i, c in enumerate(GUIDANCE_LINE[3:], start=3) if len({str(key[i]) for key, _ in lines}) > 1]
     # A run's colour is its variant's, unless runs of one variant differ (say, in their recipe): then each run
-    # has its own. Checkpoints are told apart by the line: the latest solid.
+    # has its own (`_series_colors`). Checkpoints are told apart by the line: the latest solid.
     steps = sorted({key[2] for key, _ in lines}, reverse=True)
-    runs = sorted({key[0] for key, _ in lines})
-    per_run = len({key[1] for key, _ in lines}) < len(runs)
-    palette = sns.color_palette("tab10", max(len(runs), 1))
+    run_colors = _series_colors(sorted({(key[1], key[0]) for key, _ in lines}), colors)  # (variant, run_id)
     styles = ["-", "--", ":", "-."]
     fig, ax = plt.subplots(figsize=(7, 5), layout="constrained")
     for key, per_scale in lines:
         line = dict(zip(GUIDANCE_LINE, key))
         extra = "".join(f", {c} {line[c]:g}" if isinstance(line[c], float) else f", {c} {line[c]}" for c in varying)
-        color = palette[runs.index(line["run_id"])] if per_run else colors.get(line["variant"])
-        ax.plot(per_scale.index, per_scale.values, marker="o", markersize=4, color=color,
+        ax.plot(per_scale.index, per_scale.values, marker="o", markersize=4,
+                color=run_colors[(line["variant"], line["run_id"])],
                 linestyle=styles[steps.index(line["step"]) % len(styles)],
                 label=f"{line['variant']} ({line['run_id']}) step {int(line['step']):,}{extra}")
     if lines:
