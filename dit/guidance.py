@@ -19,9 +19,10 @@ def guided_model_fn(model_fn: ModelFn, scale: float, null_label: int, guided_cha
     later work), None for every output channel; the others (learned sigma) come from the conditional
     output. Guidance acts
     only where interval[0] <= t <= interval[1] (in the model's time units), elsewhere the output is
-    the conditional one. With scale 1 the result is the conditional output.
+    the conditional one. With scale 1 the result is the conditional output, from one forward when the
+    scale is a number; a traced scale (one compiled sampler for every scale of a sweep) always runs two.
     """
-    if scale == 1.0:
+    if isinstance(scale, (int, float)) and scale == 1.0:
         return model_fn
 
     def fn(x, t, y):

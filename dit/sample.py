@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -72,8 +72,8 @@ def sampler_name(train_cfg: TrainConfig, eval_cfg: EvalConfig) -> str:
 
 
 def make_sampler(model_cfg: ModelConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig) -> Callable:
-    """sampler(model_fn, noise, key, y) -> samples: the objective's sampling loop that the eval settings name,
-    with classifier-free guidance over their interval."""
+    """sampler(model_fn, noise, key, y, cfg_scale=eval.cfg_scale) -> samples: the objective's sampling loop
+    that the eval settings name, with classifier-free guidance over their interval (cfg_scale may be traced)."""
     # RunConfig checks the sampler against the objective, as for a run; callers such as dit.bench pass sections.
     objective = make_objective(RunConfig(model=model_cfg, train=train_cfg, eval=eval_cfg))
     loop, to_model_time = objective.sampling(eval_cfg)
@@ -81,8 +81,8 @@ def make_sampler(model_cfg: ModelConfig, train_cfg: TrainConfig, eval_cfg: EvalC
     interval = None if (eval_cfg.guidance_low, eval_cfg.guidance_high) == (0.0, 1.0) else (low, high)
     channels = eval_cfg.guided_channels or model_cfg.in_channels
 
-    def sampler(model_fn, noise, key, y):
-        fn = guided_model_fn(model_fn, eval_cfg.cfg_scale, model_cfg.num_classes, channels, interval)
+    def sampler(model_fn, noise, key, y, cfg_scale=eval_cfg.cfg_scale):
+        fn = guided_model_fn(model_fn, cfg_scale, model_cfg.num_classes, channels, interval)
         return loop(lambda x, t: fn(x, t, y), noise, key)
 
     return sampler
@@ -93,22 +93,33 @@ def balanced_labels(num_samples: int, num_classes: int) -> np.ndarray:
     return np.arange(num_samples) % num_classes
 
 
+GUIDED = 2.0  # _program_settings' stand-in for every guidance scale other than 1
+
+
+def _program_settings(eval_cfg: EvalConfig) -> EvalConfig:
+    """The eval settings as far as they shape the sampling program: a guidance scale other than 1 is an
+    argument of the program (a sweep over scales compiles once), so only whether there is guidance is kept."""
+    return replace(eval_cfg, cfg_scale=1.0 if eval_cfg.cfg_scale == 1.0 else GUIDED)
+
+
 @functools.lru_cache(maxsize=16)
 def _batch_sampler(graphdef, model_cfg: ModelConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig,
                    decoder: Decoder, mesh) -> Callable:
-    """The jitted (params, key, labels) -> latents and (decoder weights, latents) -> uint8 images of one
-    batch; cached, so evaluations during a run compile once. Two programs, so each can be timed."""
+    """The jitted (params, key, labels, cfg_scale) -> latents and (decoder weights, latents) -> uint8 images
+    of one batch for `_program_settings(eval_cfg)`; cached, so evaluations during a run, and a sweep's
+    scales, compile once. Two programs, so each can be timed."""
     sampler = make_sampler(model_cfg, train_cfg, eval_cfg)
+    guided = eval_cfg.cfg_scale != 1.0
     decode, _ = as_function(decoder, "decode")
     shape = (eval_cfg.batch_size, model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
 
     # Outputs stay sharded by rows, so each process can take its own rows (`local_rows`).
     @functools.partial(jax.jit, out_shardings=batch_sharded(mesh))
-    def sample_batch(params, key, y):
+    def sample_batch(params, key, y, cfg_scale):
         model = nnx.merge(graphdef, params)
         key_noise, key_sampler = jax.random.split(key)
         noise = jax.lax.with_sharding_constraint(jax.random.normal(key_noise, shape), batch_sharded(mesh))
-        return sampler(lambda x, t, y: model(x, t, y), noise, key_sampler, y)
+        return sampler(lambda x, t, y: model(x, t, y), noise, key_sampler, y, cfg_scale if guided else 1.0)
 
     @functools.partial(jax.jit, out_shardings=batch_sharded(mesh))
     def decode_batch(decoder_weights, latents):
@@ -162,7 +173,9 @@ def generate_shares(graphdef, params, model_cfg: ModelConfig, train_cfg: TrainCo
     if batch % jax.device_count():
         raise UserError(f"eval.batch_size={batch} does not split over {jax.device_count()} devices.")
     params = jax.device_put(params, replicated(mesh))
-    sample_batch, decode_batch = _batch_sampler(graphdef, model_cfg, train_cfg, eval_cfg, decoder, mesh)
+    sample_batch, decode_batch = _batch_sampler(graphdef, model_cfg, train_cfg, _program_settings(eval_cfg), decoder,
+                                                mesh)
+    cfg_scale = jnp.float32(eval_cfg.cfg_scale)
     decoder_weights = jax.device_put(as_function(decoder, "decode")[1], replicated(mesh))
     labels = balanced_labels(num_samples, model_cfg.num_classes)
     images, index = [], []
@@ -170,7 +183,7 @@ def generate_shares(graphdef, params, model_cfg: ModelConfig, train_cfg: TrainCo
         y = np.resize(labels[i * batch:(i + 1) * batch], batch)  # the last batch is padded, then cut
         y = jax.device_put(jnp.asarray(y), batch_sharded(mesh))
         started = time.perf_counter()
-        latents = sample_batch(params, jax.random.fold_in(jax.random.PRNGKey(seed), i), y)
+        latents = sample_batch(params, jax.random.fold_in(jax.random.PRNGKey(seed), i), y, cfg_scale)
         if timings is not None:
             jax.block_until_ready(latents)
             timings["sample_s"] = timings.get("sample_s", 0.0) + time.perf_counter() - started

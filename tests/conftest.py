@@ -1,5 +1,8 @@
 import os
 import tempfile
+from pathlib import Path
+
+import pytest
 
 # Tests run on the CPU; 8 host devices lets sharding tests see a mesh.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -25,3 +28,36 @@ def pytest_sessionfinish(session, exitstatus):
     if os.environ.get("DIT_NO_SKIPS") == "1" and _skipped:
         print(f"\nDIT_NO_SKIPS=1 but {len(_skipped)} tests were skipped: {', '.join(_skipped[:5])}")
         session.exitstatus = 1
+
+
+# The built-in digits data (cache-8 and the feature classifier fd_digits uses), built once per session and
+# copied into the working directory of each end-to-end test that runs the smoke preset.
+_DIGITS_BUILD = """
+import sys
+from dit.data.demo import demo_cache
+from dit.eval.digits_classifier import load_or_train
+load_or_train(demo_cache(sys.argv[1], resolution=8, progress=False))
+"""
+
+
+@pytest.fixture(scope="session")
+def digits_data(tmp_path_factory):
+    """A directory `data/digits` as a first smoke run leaves it. Built in a child process at XLA's default
+    optimisation level (the classifier's 200 training steps take 80 s at the suite's -O0, 8 s at the
+    default), under a lock so that the xdist workers build it once between them."""
+    import fcntl
+    import subprocess
+    import sys
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # workers share their parent
+    root = shared / "digits-data"
+    with open(shared / "digits-data.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "done").exists():
+            env = {**os.environ, "XLA_FLAGS": os.environ["XLA_FLAGS"].replace("--xla_backend_optimization_level=0", "")}
+            subprocess.run([sys.executable, "-c", _DIGITS_BUILD, str(root / "data" / "digits")], env=env, check=True,
+                           cwd=Path(__file__).resolve().parents[1])
+            (root / "done").touch()
+    return root / "data"
+

@@ -19,7 +19,9 @@ def free_port() -> int:
 
 
 def env(devices: int) -> dict:
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    # At LLVM's -O0 as the rest of the suite (see conftest): these tiny steps take longer to compile than to run.
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"}
 
 
 def losses(workdir: Path) -> list[float]:

@@ -45,6 +45,11 @@ def test_singular_covariances_stay_finite_and_match_pytorch_fid():
     assert ours == pytest.approx(fid_score.calculate_frechet_distance(m1, s1, m2, s2), rel=1e-6)
 
 
+def test_statistics_that_are_not_covariances_are_an_error():
+    with pytest.raises(ValueError, match="not valid covariances"):
+        frechet_distance([0.0, 0.0], [[1.0, 0.0], [0.0, -1.0]], [0.0, 0.0], np.eye(2))
+
+
 def test_streamed_moments_equal_numpy():
     x = np.random.default_rng(4).normal(size=(1000, 12)) * 3 + 5
     acc = MomentAccumulator(12)

@@ -41,3 +41,14 @@ def test_in100_is_the_papers_recipe():
     config = PRESETS["in100"](RunConfig(model=resolve("baseline")))
     assert (config.train.objective, config.train.lr, config.train.beta2, config.train.batch_size) == ("ddpm", 1e-4, 0.999, 256)
     assert (config.eval.sampler or "ddpm", config.eval.sampling_steps, config.eval.guided_channels) == ("ddpm", 250, 3)
+
+
+def test_prepare_data_builds_the_digits_where_a_preset_points_and_nothing_elsewhere(tmp_path, monkeypatch):
+    from ablations.presets import prepare_data
+    monkeypatch.chdir(tmp_path)
+    smoke = PRESETS["smoke"](RunConfig(variant="baseline", preset="smoke", model=resolve("baseline")))
+    prepare_data(smoke, progress=False)
+    assert (tmp_path / smoke.data.cache / "manifest.json").exists()
+    elsewhere = dataclasses.replace(smoke, data=dataclasses.replace(smoke.data, cache="data/mine/cache-8"))
+    prepare_data(elsewhere, progress=False)  # the user's own data: checked later, never made here
+    assert not (tmp_path / "data" / "mine").exists()

@@ -1,6 +1,7 @@
 """`ablations/run.py`: budget first, nothing written on bad input, dry runs, listing."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,11 +57,13 @@ def test_list_shows_variants_and_presets(tmp_path):
         "in100", "in100_flow_repa", "demo", "demo_paper", "demo_flow_repa", "smoke"}
 
 
-# End to end with the smoke preset. One working directory for the module: the digits data and their
-# feature classifier are built once (in ./data/digits, as a user's first run would) and shared.
+# End to end with the smoke preset. One working directory for the module, holding the session's digits data
+# and their feature classifier in ./data/digits, where a user's first run builds them.
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    return tmp_path_factory.mktemp("home")
+def home(tmp_path_factory, digits_data):
+    home = tmp_path_factory.mktemp("home")
+    shutil.copytree(digits_data, home / "data")
+    return home
 
 
 def leaderboard(path):

@@ -76,6 +76,30 @@ def test_samplers_guidance_and_its_interval_change_the_samples(model, sampler):
     assert images.shape == (12, 8, 8, 4)
 
 
+def test_guidance_scales_share_one_compiled_sampler_and_equal_a_fixed_scale(model):
+    import dit.sample
+    from dit.guidance import guided_model_fn
+    graphdef, params = model
+    eval_cfg = dataclasses.replace(EVAL, num_samples=8)
+    decoder = Shrink()  # one decoder: the compiled programs are cached per decoder
+    dit.sample._batch_sampler.cache_clear()
+    images = {scale: generate(graphdef, params, TINY, TrainConfig(), dataclasses.replace(eval_cfg, cfg_scale=scale),
+                              seed=3, decoder=decoder, progress=False) for scale in (1.0, 1.5, 4.0)}
+    assert dit.sample._batch_sampler.cache_info().misses == 2  # unguided, and every guided scale
+    assert np.mean(images[1.5] != images[4.0]) > 0.5
+    # The scale as an argument of the program gives what guidance with the scale written in gives.
+    diffusion = create_diffusion("5")
+    key_noise, key_sampler = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(3), 0))
+    noise = jax.random.normal(key_noise, (8, 8, 8, 4))
+    y = jnp.asarray(balanced_labels(8, TINY.num_classes))
+    net = nnx.merge(graphdef, params)
+    fn = guided_model_fn(lambda x, t, y: net(x, t, y), 4.0, TINY.num_classes, eval_cfg.guided_channels)
+    expected = diffusion.p_sample_loop(lambda x, t: fn(x, t, y), noise.shape, key_sampler, noise=noise)
+    expected = decoder.decode(expected)
+    diff = np.abs(images[4.0].astype(int) - np.asarray(to_uint8(expected)).astype(int))
+    assert diff.max() <= 1  # sharded over 8 devices: at most a rounding step apart
+
+
 @pytest.mark.parametrize("rows", [8, 40, 128])  # 1, 5 and 16 rows a device: one chunk, 5 of 1, 2 of 8
 def test_decoding_in_chunks_equals_decoding_the_batch_and_keeps_rows_in_place(rows):
     mesh = data_mesh()

@@ -1,6 +1,7 @@
 """`ablations/sweep.py`: fixed run directories, complete runs skipped, cut-off runs resumed, commands printed."""
 
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,8 +41,9 @@ def test_bad_names_and_over_budget_variants_fail_before_any_run(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_runs_one_after_another_then_skips_the_complete_ones(tmp_path):
+def test_runs_one_after_another_then_skips_the_complete_ones(tmp_path, digits_data):
     import csv
+    shutil.copytree(digits_data, tmp_path / "data")
     args = ["--variants", "baseline", "--seeds", "0,1", "--preset", "smoke", "--set", "train.steps=2",
             "--set", "eval.every=2", "--leaderboard", "lb.csv", "--figures", "figures", "--no-progress"]
     first = sweep(*args, cwd=tmp_path)
