@@ -30,19 +30,20 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
-# The built-in digits data (cache-8 and the feature classifier fd_digits uses), built once per session and
-# copied into the working directory of each end-to-end test that runs the smoke preset.
+# The built-in digits data (the smoke preset's 8x8 cache, the demo's default 16x16 one, and the feature
+# classifier fd_digits uses for each), built once per session and copied where tests need them.
 _DIGITS_BUILD = """
 import sys
 from dit.data.demo import demo_cache
 from dit.eval.digits_classifier import load_or_train
-load_or_train(demo_cache(sys.argv[1], resolution=8, progress=False))
+for resolution in (8, 16):
+    load_or_train(demo_cache(sys.argv[1], resolution=resolution, progress=False))
 """
 
 
 @pytest.fixture(scope="session")
 def digits_data(tmp_path_factory):
-    """A directory `data/digits` as a first smoke run leaves it. Built in a child process at XLA's default
+    """A directory `data/digits` as first runs at 8x8 and 16x16 leave it. Built in a child process at XLA's default
     optimisation level (the classifier's 200 training steps take 80 s at the suite's -O0, 8 s at the
     default), under a lock so that the xdist workers build it once between them."""
     import fcntl

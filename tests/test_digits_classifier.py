@@ -17,13 +17,17 @@ from dit.sample import to_uint8
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return demo_cache(tmp_path_factory.mktemp("demo") / "digits", progress=False)
+def cache(tmp_path_factory, digits_data):
+    """The demo's default cache with the classifier its first use trained (the session's copy: trained once
+    at XLA's default optimisation level, see conftest)."""
+    root = tmp_path_factory.mktemp("demo")
+    shutil.copytree(digits_data, root / "data")
+    return demo_cache(root / "data" / "digits", progress=False)
 
 
 @pytest.fixture(scope="module")
 def classifier(cache):
-    return dc.load_or_train(cache)  # the default training, once for the module
+    return dc.load_or_train(cache)  # the session's default training, loaded from where it was saved
 
 
 @pytest.fixture(scope="module")
