@@ -132,23 +132,23 @@ def kill_while_evaluating(args, home, workdir, step):
 def test_evaluations_killed_midway_are_redone_on_resume_and_a_finished_run_is_left_alone(home):
     workdir = home / "runs" / "k"
     # Evaluations long enough (64 samples, 50 sampling steps) for the kill to land inside one.
-    args = ["--variant", "baseline", "--preset", "smoke", "--set", "train.steps=200", "--set", "train.ckpt_every=30",
-            "--set", "eval.every=100", "--set", "eval.num_samples=64", "--set", "eval.sampling_steps=50",
+    args = ["--variant", "baseline", "--preset", "smoke", "--set", "train.steps=40", "--set", "train.ckpt_every=6",
+            "--set", "eval.every=20", "--set", "eval.num_samples=64", "--set", "eval.sampling_steps=50",
             "--workdir", "runs/k", "--leaderboard", "lb-k.csv", "--figures", "fig-k", "--no-progress"]
-    kill_while_evaluating(args, home, workdir, 100)
+    kill_while_evaluating(args, home, workdir, 20)
     assert not (home / "lb-k.csv").exists() and not (workdir / "summary.json").exists()
     # The resume needs only the run directory; it is killed again during the last evaluation.
     resume = ["--resume", "--workdir", "runs/k", "--leaderboard", "lb-k.csv", "--figures", "fig-k", "--no-progress"]
-    kill_while_evaluating(resume, home, workdir, 200)
+    kill_while_evaluating(resume, home, workdir, 40)
     assert not (workdir / "summary.json").exists()
     resumed = run(*resume, cwd=home)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = leaderboard(home / "lb-k.csv")
-    assert [int(r["step"]) for r in rows] == [100, 200]
+    assert [int(r["step"]) for r in rows] == [20, 40]
     summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["final_step"] == 200 and summary["last_metrics"]["fd_digits"] == pytest.approx(float(rows[-1]["value"]))
-    assert sorted(p.name for p in (workdir / "samples").iterdir()) == ["step_0000100.png", "step_0000200.png"]
-    assert "done: step 200, fd_digits" in resumed.stdout
+    assert summary["final_step"] == 40 and summary["last_metrics"]["fd_digits"] == pytest.approx(float(rows[-1]["value"]))
+    assert sorted(p.name for p in (workdir / "samples").iterdir()) == ["step_0000020.png", "step_0000040.png"]
+    assert "done: step 40, fd_digits" in resumed.stdout
 
 
 @pytest.mark.parametrize("args, message", [
