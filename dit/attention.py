@@ -109,7 +109,7 @@ def heads_first_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
     The scanned blocks (the CPU's default) do not keep the weights for the backward: their remat policy
     recomputes the softmax from q and k, which the softmax's backward did even when the weights were
     kept, so keeping them only cost a (depth, B, H, T, T) buffer written every step (DiT-S/2 at batch 8,
-    float32: 151 MB; the step was 4-7% slower with it, in four alternating measurements on 2026-12-07).
+    float32: 151 MB; its gradient was 4-7% slower with it, timed alternately in two runs on 2026-12-07).
     """
     q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
     logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=_logits_dtype(q)).astype(jnp.float32)
