@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dit.errors import UserError
@@ -26,6 +27,15 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
 
 
+def split_over_devices(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
+    """An array of `shape` split along its first axis that divides evenly over the devices (each device
+    holds 1/n of it); replicated when no axis does."""
+    for axis, size in enumerate(shape):
+        if size % mesh.devices.size == 0:
+            return NamedSharding(mesh, PartitionSpec(*[None] * axis, BATCH_AXIS))
+    return replicated(mesh)
+
+
 def local_batch_size(global_batch: int) -> int:
     """This process's share of the global batch; the global batch must split evenly over devices."""
     if global_batch % jax.device_count():
@@ -43,5 +53,15 @@ def global_batch(mesh: Mesh, local_arrays):
 
 
 def to_host(tree):
-    """Replicated device arrays -> numpy, from this process's own copy (works multi-process too)."""
-    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else a, tree)
+    """Device arrays -> whole numpy arrays on every process: a replicated array from this process's own
+    copy; a split one gathered (with several processes a collective: every process must call it)."""
+    def fetch(a):
+        if not isinstance(a, jax.Array):
+            return a
+        if a.is_fully_replicated:
+            return np.asarray(a.addressable_data(0))
+        if a.is_fully_addressable:
+            return np.asarray(a)
+        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+
+    return jax.tree.map(fetch, tree)

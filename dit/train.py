@@ -30,7 +30,8 @@ from dit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, to_dict
 from dit.distributed import wait_for_all_processes
 from dit.errors import UserError
 from dit.memory import DoesNotFit, StepMemory
-from dit.mesh import BATCH_AXIS, batch_sharded, data_mesh, global_batch, local_batch_size, replicated, to_host
+from dit.mesh import (BATCH_AXIS, batch_sharded, data_mesh, global_batch, local_batch_size, replicated,
+                      split_over_devices, to_host)
 from dit.model import DiT
 from dit.objectives import Objective
 from dit.repa import RepaProjector, repa_loss
@@ -97,6 +98,21 @@ def init_state(model_cfg: ModelConfig, train_cfg: TrainConfig, optimizer: optax.
     return graphdef, state
 
 
+# The parts of the state that only the update reads and writes: split over the devices (ZeRO stage 1),
+# each device updates its 1/n of them and the new weights are gathered after the update; that divides the
+# update's memory traffic, which is the same on every device when all is replicated, and these parts'
+# memory by the device count. The weights, which every device's forward pass reads, stay replicated.
+SPLIT_STATE = ("ema", "opt_state")
+
+
+def state_shardings(state: dict, mesh) -> dict:
+    """Where each leaf of a train state (arrays or shapes) lives on the mesh: SPLIT_STATE's leaves split
+    along an axis that divides over the devices, the rest replicated."""
+    return {key: jax.tree.map(lambda a: split_over_devices(mesh, a.shape) if key in SPLIT_STATE else replicated(mesh),
+                              value)
+            for key, value in state.items()}
+
+
 def microbatches(tree, k: int, mesh):
     """(B, ...) leaves -> (k, B/k, ...): microbatch i holds rows i, i+k, i+2k, ... of the batch, so each
     device's rows stay on that device and every microbatch is spread over all devices."""
@@ -106,9 +122,10 @@ def microbatches(tree, k: int, mesh):
 
 
 def make_train_step(graphdef, objective: Objective, optimizer, schedule, train_cfg: TrainConfig,
-                    dynamic_loss_scale: bool, mesh, grad_accum: int = 1, unroll: bool = False,
+                    dynamic_loss_scale: bool, mesh, state_sharding: dict, grad_accum: int = 1, unroll: bool = False,
                     batch_format: BatchFormat = BatchFormat(), projector_def=None, repa_block: int = 0) -> Callable:
-    """The jitted step (state, Batch) -> (state, metrics); the state's buffers are donated.
+    """The jitted step (state, Batch) -> (state, metrics); the state's buffers are donated and keep
+    `state_sharding` (`state_shardings`).
 
     The step turns the batch into latents itself (the flip and the posterior sample, from train.seed and
     each record's ids: `latents_from_batch`), so the host only reads. With grad_accum = k the batch is k
@@ -201,9 +218,8 @@ def make_train_step(graphdef, objective: Objective, optimizer, schedule, train_c
             metrics["repa_loss"] = jnp.mean(alignment)
         return new, metrics
 
-    state_sharding, data_sharding = replicated(mesh), batch_sharded(mesh)
-    return jax.jit(step, in_shardings=(state_sharding, data_sharding),
-                   out_shardings=(state_sharding, state_sharding), donate_argnums=0)
+    return jax.jit(step, in_shardings=(state_sharding, batch_sharded(mesh)),
+                   out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
 
 
 def default_batch_format(data: DataConfig) -> BatchFormat:
@@ -258,12 +274,14 @@ def training_program(run: RunConfig, objective: Objective, mesh, grad_accum: int
     batch_format = batch_format or default_batch_format(run.data)
     optimizer, schedule = create_optimizer(run.train)
     graphdef = nnx.split(nnx.eval_shape(lambda: DiT(run.model, rngs=nnx.Rngs(0))))[0]
-    abstract_state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated(mesh)),
-                                  jax.eval_shape(lambda: init_state(run.model, run.train, optimizer)[1]))
+    shapes = jax.eval_shape(lambda: init_state(run.model, run.train, optimizer)[1])
+    state_sharding = state_shardings(shapes, mesh)
+    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sharding)
     projector_def = None
     if run.train.repa_weight:
         projector_def = nnx.split(nnx.eval_shape(lambda: repa_projector(run.model, run.train)))[0]
-    jitted = make_train_step(graphdef, objective, optimizer, schedule, run.train, mesh=mesh, grad_accum=grad_accum,
+    jitted = make_train_step(graphdef, objective, optimizer, schedule, run.train, mesh=mesh,
+                             state_sharding=state_sharding, grad_accum=grad_accum,
                              dynamic_loss_scale=run.model.dtype == "float16", unroll=unroll,
                              batch_format=batch_format, projector_def=projector_def, repa_block=run.repa_block)
     return jitted, (abstract_state, abstract_batch(run, mesh, batch_format=batch_format))
@@ -315,13 +333,13 @@ def compile_training(run: RunConfig, objective: Objective, mesh,
 
 def build_training(run: RunConfig, objective: Objective, mesh,
                    batch_format: BatchFormat | None = None) -> tuple[object, dict, CompiledStep]:
-    """The model graph, the initial state (replicated over the mesh) and the compiled step of a run, for
+    """The model graph, the initial state (placed by `state_shardings`) and the compiled step of a run, for
     batches of `batch_format` (a source's; default: what run.data implies)."""
     compiled = compile_training(run, objective, mesh, batch_format)  # before any device memory is taken
     optimizer, _ = create_optimizer(run.train)
     graphdef, state = init_state(run.model, run.train, optimizer)
     wait_for_all_processes("dit-training-compiled")  # the placement below is the first collective
-    return graphdef, jax.device_put(state, replicated(mesh)), compiled
+    return graphdef, jax.device_put(state, state_shardings(state, mesh)), compiled
 
 
 def params_sha256(params) -> str:

@@ -225,7 +225,7 @@ def test_an_evaluation_cut_off_is_run_again_on_resume(tmp_path):
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
 
 
-def test_one_device_and_eight_devices_give_the_same_step():
+def test_one_device_and_eight_devices_give_the_same_step_with_the_update_split_over_devices():
     assert jax.device_count() == 8
     run = run_config()
     x, y = toy_data(8)
@@ -235,11 +235,16 @@ def test_one_device_and_eight_devices_give_the_same_step():
         _, state, compiled = build_training(run, make_objective(run), mesh)
         step = compiled.step
         state, metrics = step(state, global_batch(mesh, latent_batch(x, y)))
-        results.append(to_host((metrics["loss"], state["params"])))
-    (loss1, params1), (loss8, params8) = results
+        results.append(to_host((metrics["loss"], state["params"], state["ema"], state["opt_state"])))
+    (loss1, *state1), (loss8, *state8) = results
     np.testing.assert_allclose(loss1, loss8, rtol=1e-5)  # only the order of the mean's sums differs
-    for a, b in zip(jax.tree.leaves(params1), jax.tree.leaves(params8)):
+    for a, b in zip(jax.tree.leaves(state1), jax.tree.leaves(state8)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    # On eight devices each holds 1/8 of the EMA and of the optimizer's moments; the weights are whole on each.
+    split = [a for a in jax.tree.leaves((state["ema"], state["opt_state"])) if any(n % 8 == 0 for n in a.shape)]
+    assert len(split) == 3 * len(jax.tree.leaves(state["params"]))  # EMA, AdamW's mu and nu
+    assert all(a.addressable_shards[0].data.size * 8 == a.size for a in split)
+    assert all(a.is_fully_replicated for a in jax.tree.leaves(state["params"]))
 
 
 def test_optimizer_schedule_warmup_and_cosine():
