@@ -35,8 +35,8 @@ class Checkpoints:
         directory = Path(directory).absolute()
         self.local = cfg.local_checkpoints and jax.process_count() > 1
         if self.local:
-            # No shared filesystem: every process writes its own copy of the (replicated) state, as host
-            # arrays, to its own directory, without waiting for the others.
+            # No shared filesystem: every process writes its own copy of the whole state (the parts split
+            # over devices gathered first), as host arrays, to its own directory.
             directory = directory / f"process_{jax.process_index()}"
             multiprocessing = ocp.options.MultiprocessingOptions(
                 primary_host=None, active_processes={jax.process_index()},
@@ -157,7 +157,7 @@ class Checkpoints:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         state = restored.state
-        if self.local:  # every process holds the same values: make them one replicated global array
+        if self.local:  # every process holds the same values: make them global arrays placed as the target
             state = jax.tree.map(lambda a, like: jax.device_put(a, like.sharding), state, abstract_state)
         return state, restored.meta
 

@@ -39,6 +39,10 @@ SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("sde", "euler", "heun")}
 # model.scan_blocks=auto runs the blocks as one lax.scan on these platforms and writes them out elsewhere.
 SCAN_BLOCKS_ON = ("cpu",)
 
+# train.split_state=auto keeps the whole state on every device on these platforms (a CPU's devices share
+# one memory: splitting saves nothing there) and splits it over the devices elsewhere.
+STATE_WHOLE_ON = ("cpu",)
+
 # model.attention=auto picks blockwise attention above this many tokens (patch size 1 on 32x32 latents:
 # 1024), where the dense (B, heads, T, T) float32 logits dominate the step's memory.
 BLOCKWISE_ABOVE_TOKENS = 256
@@ -213,6 +217,8 @@ class TrainConfig:
     keep_checkpoints: int = 3  # the last N are kept ...
     keep_every: int = 0  # ... plus every K-th step for good (0: none)
     local_checkpoints: bool = False  # multi-host without a shared filesystem: each process keeps its own
+    # The EMA and AdamW's moments split over the devices, each updating its 1/n (ZeRO stage 1); auto: not on CPUs.
+    split_state: bool | str = "auto"
     log_every: int = 100
     tensorboard: bool = False  # also write the logged metrics as TensorBoard events (extra: tensorboard)
     jax_smi: bool = True  # on GPUs, publish device memory for the `jax-smi` command to show live
@@ -251,11 +257,18 @@ class TrainConfig:
             )
         if self.grad_accum != "auto" and not (isinstance(self.grad_accum, int) and self.grad_accum > 0):
             raise ConfigError(f"train.grad_accum={self.grad_accum!r} must be a positive integer or auto.")
+        if self.split_state not in (True, False, "auto"):
+            raise ConfigError(f"train.split_state={self.split_state!r} must be true, false or auto.")
         if isinstance(self.grad_accum, int) and self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"train.grad_accum={self.grad_accum} does not divide train.batch_size={self.batch_size} into equal "
                 f"microbatches; choose a divisor of the batch size (or auto)."
             )
+
+
+    def state_split_on(self, platform: str) -> bool:
+        """Whether the state of a program compiled for `platform` is split over its devices (train.split_state)."""
+        return platform not in STATE_WHOLE_ON if self.split_state == "auto" else bool(self.split_state)
 
 
 @dataclass(frozen=True)

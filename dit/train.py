@@ -98,18 +98,20 @@ def init_state(model_cfg: ModelConfig, train_cfg: TrainConfig, optimizer: optax.
     return graphdef, state
 
 
-# The parts of the state that only the update reads and writes: split over the devices (ZeRO stage 1),
-# each device updates its 1/n of them and the new weights are gathered after the update; that divides the
-# update's memory traffic, which is the same on every device when all is replicated, and these parts'
-# memory by the device count. The weights, which every device's forward pass reads, stay replicated.
+# The parts of the state that only the update reads and writes: split over the devices (ZeRO stage 1,
+# train.split_state), each device updates its 1/n of them and the new weights are gathered after the
+# update; that divides the update's memory traffic, which is the same on every device when all is
+# replicated, and these parts' memory by the device count. The weights, which every device's forward
+# pass reads, stay replicated.
 SPLIT_STATE = ("ema", "opt_state")
 
 
-def state_shardings(state: dict, mesh) -> dict:
-    """Where each leaf of a train state (arrays or shapes) lives on the mesh: SPLIT_STATE's leaves split
-    along an axis that divides over the devices, the rest replicated."""
-    return {key: jax.tree.map(lambda a: split_over_devices(mesh, a.shape) if key in SPLIT_STATE else replicated(mesh),
-                              value)
+def state_shardings(state: dict, mesh, train_cfg: TrainConfig) -> dict:
+    """Where each leaf of a train state (arrays or shapes) lives on the mesh: with train.split_state,
+    SPLIT_STATE's leaves split along an axis that divides over the devices; the rest replicated."""
+    split = train_cfg.state_split_on(mesh.devices.flat[0].platform)
+    return {key: jax.tree.map(lambda a: split_over_devices(mesh, a.shape) if split and key in SPLIT_STATE
+                              else replicated(mesh), value)
             for key, value in state.items()}
 
 
@@ -275,7 +277,7 @@ def training_program(run: RunConfig, objective: Objective, mesh, grad_accum: int
     optimizer, schedule = create_optimizer(run.train)
     graphdef = nnx.split(nnx.eval_shape(lambda: DiT(run.model, rngs=nnx.Rngs(0))))[0]
     shapes = jax.eval_shape(lambda: init_state(run.model, run.train, optimizer)[1])
-    state_sharding = state_shardings(shapes, mesh)
+    state_sharding = state_shardings(shapes, mesh, run.train)
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sharding)
     projector_def = None
     if run.train.repa_weight:
@@ -339,7 +341,7 @@ def build_training(run: RunConfig, objective: Objective, mesh,
     optimizer, _ = create_optimizer(run.train)
     graphdef, state = init_state(run.model, run.train, optimizer)
     wait_for_all_processes("dit-training-compiled")  # the placement below is the first collective
-    return graphdef, jax.device_put(state, state_shardings(state, mesh)), compiled
+    return graphdef, jax.device_put(state, state_shardings(state, mesh, run.train)), compiled
 
 
 def params_sha256(params) -> str:

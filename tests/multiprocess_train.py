@@ -32,7 +32,8 @@ def main():
     from dit.train import train
     from tests.test_train import run_config, toy_data
 
-    run = run_config(steps=args.steps, local_checkpoints=args.local)
+    # The state split over the devices (auto keeps it whole on CPUs): local checkpoints then gather it.
+    run = run_config(steps=args.steps, local_checkpoints=args.local, split_state=True)
     x, y = toy_data()
     source = ArrayBatches(x, y, run.train.batch_size, seed=0, process_index=jax.process_index(),
                           process_count=jax.process_count())

@@ -43,6 +43,7 @@ def test_every_field_is_settable():
     ("train.adam_eps=0", "train.adam_eps=0.0 must be a finite number > 0"),
     ("train.beta1=1", r"train.beta1=1.0 must lie in \[0, 1\)"),
     ("train.beta2=-0.5", r"train.beta2=-0.5 must lie in \[0, 1\)"),
+    ("train.split_state=maybe", "'maybe' is not a valid bool"),
     ("model.mlp_ratio=0", "model.mlp_ratio=0.0 must be a finite number > 0"),
     ("model.swiglu_hidden=-64", "model.swiglu_hidden=-64 must be >= 0"),
     ("model.conv_stem_width=0", "model.conv_stem_width=0 must be a positive integer"),
@@ -56,6 +57,14 @@ def test_every_field_is_settable():
 def test_bad_overrides_fail_with_a_clear_message(assignment, message):
     with pytest.raises(ConfigError, match=message):
         apply_overrides(RunConfig(), [assignment])
+
+
+def test_the_state_is_split_over_accelerators_and_kept_whole_on_cpus_unless_set():
+    auto = RunConfig().train
+    assert auto.state_split_on("tpu") and auto.state_split_on("gpu") and not auto.state_split_on("cpu")
+    split = apply_overrides(RunConfig(), ["train.split_state=true"]).train
+    assert split.state_split_on("cpu")
+    assert not apply_overrides(RunConfig(), ["train.split_state=false"]).train.state_split_on("tpu")
 
 
 def test_overrides_are_checked_on_their_final_values_whatever_the_order():
