@@ -265,7 +265,6 @@ class TrainConfig:
                 f"microbatches; choose a divisor of the batch size (or auto)."
             )
 
-
     def state_split_on(self, platform: str) -> bool:
         """Whether the state of a program compiled for `platform` is split over its devices (train.split_state)."""
         return platform not in STATE_WHOLE_ON if self.split_state == "auto" else bool(self.split_state)

@@ -124,8 +124,9 @@ def microbatches(tree, k: int, mesh):
 
 
 def make_train_step(graphdef, objective: Objective, optimizer, schedule, train_cfg: TrainConfig,
-                    dynamic_loss_scale: bool, mesh, state_sharding: dict, grad_accum: int = 1, unroll: bool = False,
-                    batch_format: BatchFormat = BatchFormat(), projector_def=None, repa_block: int = 0) -> Callable:
+                    dynamic_loss_scale: bool, mesh, state_sharding: dict, grad_accum: int = 1,
+                    unroll: bool = False, batch_format: BatchFormat = BatchFormat(), projector_def=None,
+                    repa_block: int = 0) -> Callable:
     """The jitted step (state, Batch) -> (state, metrics); the state's buffers are donated and keep
     `state_sharding` (`state_shardings`).
 
@@ -278,7 +279,8 @@ def training_program(run: RunConfig, objective: Objective, mesh, grad_accum: int
     graphdef = nnx.split(nnx.eval_shape(lambda: DiT(run.model, rngs=nnx.Rngs(0))))[0]
     shapes = jax.eval_shape(lambda: init_state(run.model, run.train, optimizer)[1])
     state_sharding = state_shardings(shapes, mesh, run.train)
-    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_sharding)
+    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                                  state_sharding)
     projector_def = None
     if run.train.repa_weight:
         projector_def = nnx.split(nnx.eval_shape(lambda: repa_projector(run.model, run.train)))[0]
