@@ -17,7 +17,8 @@ from dit.mesh import data_mesh, global_batch
 from dit.objectives import make_objective
 from dit.mesh import to_host
 from dit.rundir import read_metrics
-from dit.train import TrainingDiverged, build_training, create_optimizer, train
+from dit.eval.fid import restore_ema
+from dit.train import TrainingDiverged, build_training, create_optimizer, params_sha256, train
 
 MODEL = ModelConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=4)
 
@@ -76,13 +77,18 @@ def test_writes_run_files_and_loss_falls(tmp_path, objective):
 
 
 def test_crash_and_resume_is_bitwise_identical(tmp_path):
-    run = run_config(steps=8)
+    # The state split over the eight devices (auto keeps it whole on CPUs): checkpoints are saved and
+    # restored split, and an evaluation restores the EMA whole.
+    run = run_config(steps=8, split_state=True)
     straight = train(run, tmp_path / "a", source(), make_objective(run), progress=False)
     with pytest.raises(Interrupt):
         train(run, tmp_path / "b", source(crash_at=7), make_objective(run), progress=False)
     resumed = train(run, tmp_path / "b", source(), make_objective(run), resume=True, progress=False)
     assert resumed["final_step"] == 8
     assert resumed["params_sha256"] == straight["params_sha256"]
+    step, _, ema = restore_ema(tmp_path / "b", run, None)
+    assert step == 8 and all(a.is_fully_replicated for a in jax.tree.leaves(ema))
+    assert params_sha256(ema) == resumed["params_sha256"]
 
 
 def test_sigterm_saves_and_exits_then_resumes_identically(tmp_path):
