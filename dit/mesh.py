@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dit.errors import UserError
@@ -57,15 +56,14 @@ def global_batch(mesh: Mesh, local_arrays):
 
 
 def to_host(tree):
-    """Device arrays -> whole numpy arrays on every process: a replicated array from this process's own
-    copy; a split one gathered (with several processes a collective: every process must call it)."""
-    def fetch(a):
-        if not isinstance(a, jax.Array):
-            return a
-        if a.is_fully_replicated:
-            return np.asarray(a.addressable_data(0))
-        if a.is_fully_addressable:
-            return np.asarray(a)
-        return np.asarray(multihost_utils.process_allgather(a, tiled=True))
-
-    return jax.tree.map(fetch, tree)
+    """Device arrays -> whole numpy arrays on every process, each from this process's own copy; arrays
+    split over devices are first gathered, all in one program (with several processes a collective:
+    every process must call it)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    split = [i for i, a in enumerate(leaves) if isinstance(a, jax.Array) and not a.is_fully_replicated]
+    if split:
+        whole = [NamedSharding(leaves[i].sharding.mesh, PartitionSpec()) for i in split]
+        for i, a in zip(split, jax.jit(lambda arrays: arrays, out_shardings=whole)([leaves[i] for i in split])):
+            leaves[i] = a
+    return jax.tree.unflatten(treedef, [np.asarray(a.addressable_data(0)) if isinstance(a, jax.Array) else a
+                                        for a in leaves])

@@ -103,14 +103,14 @@ def init_state(model_cfg: ModelConfig, train_cfg: TrainConfig, optimizer: optax.
 # update; that divides the update's memory traffic, which is the same on every device when all is
 # replicated, and these parts' memory by the device count. The weights, which every device's forward
 # pass reads, stay replicated.
-SPLIT_STATE = ("ema", "opt_state")
+SPLIT_PARTS = ("ema", "opt_state")
 
 
 def state_shardings(state: dict, mesh, train_cfg: TrainConfig) -> dict:
     """Where each leaf of a train state (arrays or shapes) lives on the mesh: with train.split_state,
-    SPLIT_STATE's leaves split along an axis that divides over the devices; the rest replicated."""
+    SPLIT_PARTS's leaves split along an axis that divides over the devices; the rest replicated."""
     split = train_cfg.state_split_on(mesh.devices.flat[0].platform)
-    return {key: jax.tree.map(lambda a: split_over_devices(mesh, a.shape) if split and key in SPLIT_STATE
+    return {key: jax.tree.map(lambda a: split_over_devices(mesh, a.shape) if split and key in SPLIT_PARTS
                               else replicated(mesh), value)
             for key, value in state.items()}
 
@@ -349,12 +349,12 @@ def build_training(run: RunConfig, objective: Objective, mesh,
 def params_sha256(params) -> str:
     """SHA-256 over parameters: leaves in the order of their sorted '/'-joined key paths, each as
     little-endian float32 bytes in C order (the names themselves are not hashed)."""
-    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    leaves = jax.tree_util.tree_flatten_with_path(to_host(params))[0]
     named = sorted(("/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path), leaf)
                    for path, leaf in leaves)
     digest = hashlib.sha256()
     for _, leaf in named:
-        digest.update(np.ascontiguousarray(to_host(leaf), dtype="<f4").tobytes())
+        digest.update(np.ascontiguousarray(leaf, dtype="<f4").tobytes())
     return digest.hexdigest()
 
 
