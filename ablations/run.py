@@ -17,11 +17,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project importable without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ablations.leaderboard import git_commit, setting_columns
 from ablations.presets import PRESETS, prepare_data
 from dit.config import RunConfig, apply_overrides, from_dict, to_dict
 from dit.counting import count_params
 from dit.errors import UserError, report
+from dit.leaderboard import append_rows, git_commit, read_rows, setting_columns
 from dit.rundir import CONFIG, SUMMARY, holds_run, read_json, read_metrics
 from variants import BUDGET, REGISTERED, check_budget, measure, resolve
 from variants.budget import VariantCost
@@ -211,7 +211,6 @@ def leaderboard_rows(config: RunConfig, workdir: Path, record: dict) -> list[dic
 
 def record_results(config: RunConfig, workdir: Path, record: dict, leaderboard: Path) -> list[dict]:
     """Appends the run's evaluations that the leaderboard does not hold yet (a resumed run adds nothing twice)."""
-    from ablations.leaderboard import append_rows, read_rows
     held = {(r["run_id"], r["metric"], int(r["step"])) for r in read_rows(leaderboard) if r["source"] == "train"}
     rows = [r for r in leaderboard_rows(config, workdir, record) if (r["run_id"], r["metric"], r["step"]) not in held]
     if rows:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ablations.leaderboard import DEFAULT_PATH
+from dit.leaderboard import DEFAULT_PATH
 from analysis.runs import read_leaderboard
 from dit.errors import UserError, report
 

@@ -1,6 +1,6 @@
 """Results on disk as pandas: run directories (config, metrics.jsonl, summary, sample grids) and the leaderboard CSV.
 
-The leaderboard is read here and only here (through ablations.leaderboard.read_rows, which checks its header
+The leaderboard is read here and only here (through dit.leaderboard.read_rows, which checks its header
 and rows), so every table and figure sees the same typed frame. Nothing here imports JAX.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ablations.leaderboard import COLUMNS, DEFAULT_PATH, FLOAT_COLUMNS, INT_COLUMNS, read_rows
+from dit.leaderboard import COLUMNS, DEFAULT_PATH, FLOAT_COLUMNS, INT_COLUMNS, read_rows
 from dit import rundir
 from dit.errors import UserError
 
@@ -186,7 +186,7 @@ def metrics_frame(runs: list[Run]) -> pd.DataFrame:
 
 
 def read_leaderboard(path: str | Path = DEFAULT_PATH) -> pd.DataFrame:
-    """The leaderboard as a typed frame: every column of ablations.leaderboard.COLUMNS, the numbers as float64
+    """The leaderboard as a typed frame: every column of dit.leaderboard.COLUMNS, the numbers as float64
     (NaN where empty; an infinite, diverged, value NaN too), plus `train_flops`; empty if there is none yet.
     A malformed file or a cell that is not a number is a UserError naming it."""
     path = Path(path)

@@ -54,12 +54,26 @@ def peak_flops(device_kind: str, cores: int = 1) -> float | None:
     return None
 
 
+# The command line names variants and presets; only these two functions turn the names into configs, importing
+# the registry and the presets from the layers above the core (docs/architecture.md).
 def _variant_model(variant: str, dtype: str | None):
     """The variant's full-size config with the compute dtype (default: float32 on CPU, bfloat16 elsewhere)."""
     from variants import resolve
 
     dtype = dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     return dataclasses.replace(resolve(variant), dtype=dtype)
+
+
+def _preset_run(variant: str, preset: str, overrides: list[str]) -> RunConfig:
+    """The run `ablations/run.py --variant V --preset P --set ...` would train."""
+    from ablations.presets import PRESETS
+    from dit.config import apply_overrides
+    from variants import resolve
+
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}.")
+    run = PRESETS[preset](RunConfig(variant=variant, preset=preset, model=resolve(variant)))
+    return apply_overrides(run, overrides)
 
 
 def torch_dit_step(batch: int, num_classes: int = 100):
@@ -290,18 +304,11 @@ def bench_check(out: Path, plan=CHECK_PLAN) -> list[dict]:
     return results
 
 
-def bench_compile(variant: str, preset: str, overrides: list[str], topology: str | None, devices: int | None,
-                  cost_model: bool, decode_and_embed: bool = True) -> dict:
+def bench_compile(run: RunConfig, topology: str | None, devices: int | None, cost_model: bool,
+                  decode_and_embed: bool = True) -> dict:
     """The run's training step compiled for the target (not run): memory, FLOPs, cost-model time."""
-    from ablations.presets import PRESETS
     from dit.aot import compile_report, target_mesh
-    from dit.config import apply_overrides
-    from variants import resolve
 
-    if preset not in PRESETS:
-        raise UserError(f"unknown preset {preset!r}; presets are {', '.join(PRESETS)}.")
-    run = PRESETS[preset](RunConfig(variant=variant, preset=preset, model=resolve(variant)))
-    run = apply_overrides(run, overrides)
     mesh = target_mesh(topology, devices)
     return compile_report(run, mesh, topology or jax.default_backend(), cost_model=cost_model,
                           decode_and_embed=decode_and_embed)
@@ -385,8 +392,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_check(Path(args.out))
             return 0
         if args.what == "compile":
-            result = bench_compile(args.variant, args.preset, args.overrides, args.topology, args.devices,
-                                   cost_model=not args.no_cost_model, decode_and_embed=not args.step_only)
+            result = bench_compile(_preset_run(args.variant, args.preset, args.overrides), args.topology,
+                                   args.devices, cost_model=not args.no_cost_model, decode_and_embed=not args.step_only)
             print(json.dumps(result)) if args.json else _print_compile(result)
             return 0
         if args.batch <= 0 or args.steps <= 0:

@@ -206,7 +206,7 @@ def test_report_from_the_leaderboard_alone(results, tmp_path):
 def test_guidance_sweeps_are_drawn_against_the_scale(results, tmp_path):
     import shutil
 
-    from ablations.leaderboard import append_rows, read_rows
+    from dit.leaderboard import append_rows, read_rows
     board = tmp_path / "lb.csv"
     shutil.copy(results["leaderboard"], board)
     # Sweeps of each ImageNet-100 run's last checkpoint, as `python -m dit.eval.fid --run ... --cfg-scale` writes them.

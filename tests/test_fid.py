@@ -142,7 +142,7 @@ def test_fid_during_training_then_from_the_run_directory(setup, trained, single,
 
 
 def test_a_sweep_writes_a_row_per_setting_and_a_killed_one_continues(setup, trained, single, tmp_path, capsys):
-    from ablations.leaderboard import read_rows
+    from dit.leaderboard import read_rows
     from dit.files import sha256_of
     root, _ = setup
     workdir, records, _ = trained

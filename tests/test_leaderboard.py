@@ -6,7 +6,7 @@ import multiprocessing
 
 import pytest
 
-from ablations.leaderboard import COLUMNS, LEGACY_COLUMNS, append_rows, read_rows
+from dit.leaderboard import COLUMNS, LEGACY_COLUMNS, append_rows, read_rows
 from analysis.leaderboard import compare, main
 from analysis.runs import read_leaderboard
 from dit.errors import UserError

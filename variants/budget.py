@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dit.config import ModelConfig, TrainConfig
-from dit.counting import count_gflops, count_params
 from dit.errors import UserError
 from variants.registry import reference_geometry
 
@@ -31,6 +30,9 @@ class VariantCost:
 def measure(name: str, cfg: ModelConfig, train: TrainConfig = TrainConfig()) -> VariantCost:
     """Parameters and GFLOPs of a model config at the budget's reference geometry, from shapes alone, and the
     training-only parameters REPA adds (its projector; the budget is the sampling model's)."""
+    # Imported here: counting traces the model (JAX), and the analysis imports BUDGET without JAX.
+    from dit.counting import count_gflops, count_params
+
     reference = reference_geometry(cfg)
     return VariantCost(name, count_params(reference), count_gflops(reference), repa_projector_params(cfg, train))
 

@@ -35,6 +35,8 @@ from dit.errors import UserError, report
 from dit.eval.inception import FEATURES
 from dit.eval.metrics import frechet_distance, inception_score, precision_recall, statistics
 from dit.files import write_json_atomic
+from dit.leaderboard import (DEFAULT_PATH, FLOAT_COLUMNS, INT_COLUMNS, append_rows, git_commit, read_rows,
+                             setting_columns, utc_now)
 from dit.rundir import read_json
 
 if TYPE_CHECKING:
@@ -244,7 +246,6 @@ def sweep_settings(run: RunConfig, cfg_scale: str | None = None, guidance_interv
 
 def _typed(column: str, value) -> object:
     """A leaderboard cell as a comparable value, whether written here (a number) or read back (text)."""
-    from ablations.leaderboard import FLOAT_COLUMNS, INT_COLUMNS
     if value is None or value == "":
         return None
     return int(value) if column in INT_COLUMNS else float(value) if column in FLOAT_COLUMNS else str(value)
@@ -265,7 +266,6 @@ def _agreed(flag: bool) -> bool:
 
 def sweep(args: argparse.Namespace) -> None:
     """Evaluates a run's checkpoint at every combination of the listed settings; one leaderboard row each."""
-    from ablations.leaderboard import DEFAULT_PATH, append_rows, git_commit, read_rows, setting_columns, utc_now
     from dit.data.source import training_data
     from dit.eval.evaluator import build_evaluator
 
