@@ -1,97 +1,93 @@
 """The boundary between images and the diffusion model's space: the SD-VAE, or pixels for the demo.
 
 An autoencoder maps images (float NHWC in [-1, 1]) to a diagonal Gaussian posterior, `encode -> (mean,
-logvar)`, and latents back to images, `decode`. Latents are unscaled; the scale factor (0.18215 for
-the SD-VAE, 1 for pixels) is recorded in the latent cache and applied by the data pipeline on the
-way in and by `ScaledDecoder` on the way out.
+logvar)`, and latents back to images, `decode`; both on unscaled latents. Its `scale_factor` (0.18215
+for the SD-VAE, 1 for pixels; a latent cache records the one it was made with) takes them to the model's
+space: the data pipeline multiplies on the way in, sampling divides on the way out (`decode_scaled`).
+Jitted callers use `encode_with(weights, images)` and `decode_with(weights, latents)` with the
+autoencoder's `weights` as an argument: a network closed over inside `jax.jit` would be baked into the
+program as constants (335 MB for the SD-VAE), slow to compile and held twice.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+import dataclasses
+from typing import ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+
+from dit.errors import UserError
+from dit.vae import load_vae
 
 
 class Autoencoder(Protocol):
+    """What training, sampling and extraction use: `PixelAutoencoder` below, or the SD-VAE (`dit.vae.VAE`)."""
+
     source: str  # a path or repo id, or "pixels"
     sha256: str | None  # of the weights file
+    scale_factor: float  # model-space latents = scale_factor x the encoder's latents
+    downsample: int  # image pixels per latent pixel along a side
+    latent_channels: int
+    weights: object  # what encode_with and decode_with take (None: weightless)
 
+    def encode_with(self, weights, images: jax.Array) -> tuple[jax.Array, jax.Array]: ...
+    def decode_with(self, weights, latents: jax.Array) -> jax.Array: ...
     def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]: ...
     def decode(self, latents: jax.Array) -> jax.Array: ...
 
 
+@dataclasses.dataclass(frozen=True)
 class PixelAutoencoder:
     """Identity: the diffusion model works on the images themselves (the built-in demo)."""
 
-    source = "pixels"
-    sha256 = None
-    scale_factor = 1.0
-    downsample = 1
+    scale_factor: float = 1.0
+    source: ClassVar[str] = "pixels"
+    sha256: ClassVar[None] = None
+    downsample: ClassVar[int] = 1
+    latent_channels: ClassVar[int] = 3
+    weights: ClassVar[None] = None
 
-    def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def encode_with(self, weights, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         # A posterior with zero variance: sampling from it gives the image back exactly.
         return images, jnp.full_like(images, -jnp.inf)
 
-    def decode(self, latents: jax.Array) -> jax.Array:
+    def decode_with(self, weights, latents: jax.Array) -> jax.Array:
         return latents
 
-
-class ScaledDecoder:
-    """Model-space latents -> images: undoes the scale factor, then decodes (what sampling uses)."""
-
-    def __init__(self, autoencoder: Autoencoder, scale_factor: float):
-        self.autoencoder, self.scale_factor = autoencoder, scale_factor
+    def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.encode_with(self.weights, images)
 
     def decode(self, latents: jax.Array) -> jax.Array:
-        return self.autoencoder.decode(latents / self.scale_factor)
+        return self.decode_with(self.weights, latents)
 
 
-def as_function(coder, method: str) -> tuple[Callable, object]:
-    """(fn(weights, x), weights): `coder.encode` or `.decode` as a pure function of its weights.
-
-    Jitted callers pass the weights as an argument: a network closed over inside `jax.jit` would be
-    baked into the program as constants (335 MB for the SD-VAE), slow to compile and held twice.
-    """
-    if isinstance(coder, ScaledDecoder):
-        inner, weights = as_function(coder.autoencoder, "decode")
-        scale = coder.scale_factor
-        return (lambda w, latents: inner(w, latents / scale)), weights
-    if hasattr(coder, "graphdef"):  # an NNX network: the SD-VAE
-        graphdef = coder.graphdef
-        return (lambda w, x: getattr(nnx.merge(graphdef, w), method)(x)), coder.params
-    return (lambda w, x: getattr(coder, method)(x)), None  # weightless: the pixel identity
+PIXELS = PixelAutoencoder()
 
 
-def autoencoder_from_source(source: str, sha256: str | None = None) -> Autoencoder:
-    """'pixels', or an SD-VAE path or repo id; with `sha256`, the weights must be that file."""
+def decode_scaled(autoencoder: Autoencoder, weights, latents: jax.Array) -> jax.Array:
+    """Model-space latents -> images: undoes the scale factor, then decodes (what sampling does)."""
+    return autoencoder.decode_with(weights, latents / autoencoder.scale_factor)
+
+
+def to_uint8(images) -> jax.Array:
+    """[-1, 1] -> uint8 as DiT's sampler does (127.5 x + 128, clipped, truncated)."""
+    return jnp.clip(127.5 * jnp.asarray(images, jnp.float32) + 128.0, 0, 255).astype(jnp.uint8)
+
+
+def from_uint8(images) -> jax.Array:
+    """uint8 -> float32 in [-1, 1]: what the autoencoders encode and the digits classifier reads."""
+    return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
+
+
+def load_autoencoder(source: str, sha256: str | None = None, scale_factor: float | None = None,
+                     dtype: str = "float32") -> Autoencoder:
+    """'pixels', or an SD-VAE path or repo id (with `sha256`, the weights must be that file), with the scale
+    factor of the latents it is used with (default: its own)."""
     if source == "pixels":
-        return PixelAutoencoder()
-    from dit.errors import UserError
-    from dit.vae import load_vae
-    vae = load_vae(source)
+        return PixelAutoencoder(1.0 if scale_factor is None else scale_factor)
+    vae = load_vae(source, dtype=dtype)
     if sha256 and vae.sha256 and vae.sha256 != sha256:
         raise UserError(f"the VAE at {source} has SHA-256 {vae.sha256[:12]}..., but the latents were made with "
                         f"{sha256[:12]}...; decode with the same VAE file that encoded them.")
-    return vae
-
-
-def on_the_fly_scale_factor(source: str) -> float:
-    """The scale factor of latents encoded during training by `source`: the SD-VAE's 0.18215, or 1 for
-    pixels (a latent cache records its own)."""
-    from dit.vae import SCALE_FACTOR
-    return 1.0 if source == "pixels" else SCALE_FACTOR
-
-
-def decoder_for(data_cfg, autoencoder: Autoencoder | None = None) -> ScaledDecoder:
-    """How a run's samples become images: the autoencoder and scale factor recorded in its latent
-    cache, or, for on-the-fly training, `data.vae` (or the `autoencoder` already loaded from it)."""
-    if data_cfg.cache and not data_cfg.images:  # data.images (on the fly) wins, as in training
-        from dit.data.cache import LatentCache
-        manifest = LatentCache(data_cfg.cache).manifest
-        autoencoder = autoencoder_from_source(manifest["autoencoder"]["source"], manifest["autoencoder"]["sha256"])
-        return ScaledDecoder(autoencoder, float(manifest["scale_factor"]))
-    autoencoder = autoencoder or autoencoder_from_source(data_cfg.vae)
-    return ScaledDecoder(autoencoder, on_the_fly_scale_factor(data_cfg.vae))
+    return vae if scale_factor is None else dataclasses.replace(vae, scale_factor=scale_factor)

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dit.errors import UserError
+
 # Stream 1 of PRNGKey(train.seed) is the training state's key (dit.train.init_state); the data's is 2.
 DATA_STREAM = 2
 
@@ -79,43 +81,66 @@ class BatchSource(Protocol):
     def set_state(self, state: dict) -> None: ...
 
 
-class ArrayBatches:
-    """Shuffled batches of in-memory latents: every epoch a new permutation from (seed, epoch).
+class EpochOrder:
+    """Which records process p reads in its share of global batch b."""
 
-    The global batch is the same whatever the number of processes; process p takes its slice of it,
-    so 1 process and N processes see the same data. The last partial batch of an epoch is dropped.
-    """
+    def __init__(self, num_records: int, global_batch: int, seed: int, process_index: int = 0,
+                 process_count: int = 1):
+        if global_batch % process_count:
+            raise UserError(f"the global batch {global_batch} does not split over {process_count} processes.")
+        if num_records < global_batch:
+            raise UserError(f"the dataset has {num_records} records, fewer than one global batch of "
+                            f"{global_batch}; lower train.batch_size.")
+        self.num_records, self.global_batch, self.seed = num_records, global_batch, seed
+        self.local = global_batch // process_count
+        self.offset = process_index * self.local
+        self.batches_per_epoch = num_records // global_batch  # the last partial batch is dropped
+        self._epoch, self._permutation = -1, None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:  # one permutation is kept: reads move through epochs in order
+            self._epoch, self._permutation = epoch, np.random.default_rng([self.seed, epoch]).permutation(
+                self.num_records)
+        return self._permutation
+
+    def batch(self, b: int) -> tuple[int, np.ndarray]:
+        """(epoch, records) of this process's rows of global batch b."""
+        epoch, k = divmod(int(b), self.batches_per_epoch)
+        start = k * self.global_batch + self.offset
+        return epoch, self.permutation(epoch)[start:start + self.local]
+
+    def __call__(self, local_index: int) -> tuple[int, int]:
+        """(epoch, record) of element `local_index` of this process's stream."""
+        b, r = divmod(int(local_index), self.local)
+        epoch, records = self.batch(b)
+        return epoch, int(records[r])
+
+
+class ArrayBatches:
+    """Shuffled batches of in-memory latents, in the cache's epoch order (`EpochOrder`): 1 process and N see
+    the same global batches; the last partial batch of an epoch is dropped."""
 
     batch_format = BatchFormat()
 
     def __init__(self, x: np.ndarray, y: np.ndarray, global_batch: int, seed: int,
                  process_index: int = 0, process_count: int = 1):
-        if len(x) < global_batch:
-            raise ValueError(f"the dataset has {len(x)} examples, fewer than one batch of {global_batch}.")
         self.x, self.y = x, y
-        self.global_batch, self.seed = global_batch, seed
-        self.local = global_batch // process_count
-        self.offset = process_index * self.local
-        self.epoch, self.position = 0, 0
-        self._order = self._permutation()
-
-    def _permutation(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.x))
+        self.order = EpochOrder(len(x), global_batch, seed, process_index, process_count)
+        self.batches = 0
 
     def next(self) -> Batch:
-        if self.position + self.global_batch > len(self.x):
-            self.epoch, self.position = self.epoch + 1, 0
-            self._order = self._permutation()
-        rows = self._order[self.position + self.offset: self.position + self.offset + self.local]
-        self.position += self.global_batch
+        _, rows = self.order.batch(self.batches)
+        self.batches += 1
         return latent_batch(self.x[rows], self.y[rows])
 
     def get_state(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        # As (epoch, position in it), the form checkpoints of earlier runs hold.
+        epoch, k = divmod(self.batches, self.order.batches_per_epoch)
+        return {"epoch": epoch, "position": k * self.order.global_batch}
 
     def set_state(self, state: dict) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        self._order = self._permutation()
+        self.batches = (int(state["epoch"]) * self.order.batches_per_epoch
+                        + int(state["position"]) // self.order.global_batch)
 
 
 class Prefetch:

@@ -29,12 +29,17 @@ def guided_model_fn(model_fn: ModelFn, scale: float, null_label: int, guided_cha
         out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
                        jnp.concatenate([y, jnp.full_like(y, null_label)]))
         cond, uncond = jnp.split(out, 2, axis=0)
-        n = cond.shape[-1] if guided_channels is None else guided_channels
         s = jnp.full(t.shape, scale, jnp.float32)
         if interval is not None:
             s = jnp.where((t >= interval[0]) & (t <= interval[1]), s, 1.0)
-        s = s.reshape((-1,) + (1,) * (cond.ndim - 1))
-        guided = uncond[..., :n] + s * (cond[..., :n] - uncond[..., :n])
-        return jnp.concatenate([guided, cond[..., n:]], axis=-1)
+        return guide(cond, uncond, s.reshape((-1,) + (1,) * (cond.ndim - 1)), guided_channels)
 
     return fn
+
+
+def guide(cond: jax.Array, uncond: jax.Array, scale, guided_channels: int | None = 3) -> jax.Array:
+    """uncond + scale * (cond - uncond) on the first `guided_channels` channels (every channel: None); the
+    others from cond. The one guidance formula: the samplers (above) and DiT's forward_with_cfg use it."""
+    n = cond.shape[-1] if guided_channels is None else guided_channels
+    guided = uncond[..., :n] + scale * (cond[..., :n] - uncond[..., :n])
+    return jnp.concatenate([guided, cond[..., n:]], axis=-1)

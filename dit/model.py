@@ -15,6 +15,7 @@ from flax import nnx
 
 from dit.attention import SelfAttention, rope_2d_angles
 from dit.config import SCAN_BLOCKS_ON, ModelConfig
+from dit.guidance import guide
 from dit.layers import (ConvStem, GeluMlp, LabelEmbedder, Norm, PatchEmbed, SwiGluMlp, TimestepEmbedder, linear,
                         modulate, normal_002, sincos_pos_embed_2d, unpatchify, zeros)
 
@@ -190,7 +191,5 @@ class DiT(nnx.Module):
         half = x[: x.shape[0] // 2]
         out = self(jnp.concatenate([half, half]), t, y)
         n = self.cfg.in_channels if guided_channels is None else guided_channels
-        guided, rest = out[..., :n], out[..., n:]
-        cond, uncond = jnp.split(guided, 2, axis=0)
-        half_guided = uncond + cfg_scale * (cond - uncond)
-        return jnp.concatenate([jnp.concatenate([half_guided, half_guided]), rest], axis=-1)
+        guided = guide(*jnp.split(out, 2, axis=0), cfg_scale, n)[..., :n]
+        return jnp.concatenate([jnp.concatenate([guided, guided]), out[..., n:]], axis=-1)

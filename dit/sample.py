@@ -1,8 +1,8 @@
 """Class-balanced sampling with the EMA parameters, sharded over all devices, deterministic for a seed.
 
 Writes what evaluators need: a PNG grid for people and an ADM-style `.npz` (`arr_0`, uint8 NHWC) for
-external FID tools. Latents become images through a decoder (`PixelDecoder` for pixel-space data;
-the SD-VAE decoder for latents).
+external FID tools. Latents become images through the run's autoencoder (`dit.autoencoder`: the pixel
+identity for pixel-space data, the SD-VAE for latents).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,31 +21,12 @@ from flax import nnx
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dit.autoencoder import as_function
+from dit.autoencoder import PIXELS, Autoencoder, decode_scaled, to_uint8
 from dit.config import SAMPLERS, EvalConfig, ModelConfig, RunConfig, TrainConfig
 from dit.errors import UserError
 from dit.guidance import guided_model_fn
 from dit.mesh import batch_sharded, data_mesh, replicated
 from dit.objectives import make_objective
-
-
-class Decoder(Protocol):
-    def decode(self, latents: jax.Array) -> jax.Array: ...  # model space -> images in [-1, 1], NHWC
-
-
-class PixelDecoder:
-    """For models trained in pixel space: the samples already are images in [-1, 1]."""
-
-    def decode(self, latents: jax.Array) -> jax.Array:
-        return latents
-
-
-PIXELS = PixelDecoder()
-
-
-def to_uint8(images: jax.Array) -> jax.Array:
-    """[-1, 1] -> uint8 as DiT's sampler does (127.5 x + 128, clipped, truncated)."""
-    return jnp.clip(127.5 * images + 128.0, 0, 255).astype(jnp.uint8)
 
 
 # Rows a device decodes at once. The SD-VAE decoder at 256x256 keeps about 0.17 GB per image (TPU v3:
@@ -104,13 +85,13 @@ def _program_settings(eval_cfg: EvalConfig) -> EvalConfig:
 
 @functools.lru_cache(maxsize=16)
 def _batch_sampler(graphdef, model_cfg: ModelConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig,
-                   decoder: Decoder, mesh) -> Callable:
+                   decoder: Autoencoder, mesh) -> Callable:
     """The jitted (params, key, labels, cfg_scale) -> latents and (decoder weights, latents) -> uint8 images
     of one batch for `_program_settings(eval_cfg)`; cached, so evaluations during a run, and a sweep's
     scales, compile once. Two programs, so each can be timed."""
     sampler = make_sampler(model_cfg, train_cfg, eval_cfg)
     guided = eval_cfg.cfg_scale != 1.0
-    decode, _ = as_function(decoder, "decode")
+    decode = functools.partial(decode_scaled, decoder)
     shape = (eval_cfg.batch_size, model_cfg.input_size, model_cfg.input_size, model_cfg.in_channels)
 
     # Outputs stay sharded by rows, so each process can take its own rows (`local_rows`).
@@ -158,7 +139,7 @@ def local_rows(array: jax.Array) -> tuple[np.ndarray, np.ndarray]:
 
 
 def generate_shares(graphdef, params, model_cfg: ModelConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig, *,
-                    seed: int, num_samples: int | None = None, decoder: Decoder | None = None,
+                    seed: int, num_samples: int | None = None, decoder: Autoencoder | None = None,
                     progress: bool = True, timings: dict | None = None) -> Samples:
     """num_samples (default eval.num_samples) class-balanced uint8 images, deterministic for the seed whatever
     the device count: batch i uses key fold_in(seed, i). Every process gets only the rows its devices made,
@@ -176,7 +157,7 @@ def generate_shares(graphdef, params, model_cfg: ModelConfig, train_cfg: TrainCo
     sample_batch, decode_batch = _batch_sampler(graphdef, model_cfg, train_cfg, _program_settings(eval_cfg), decoder,
                                                 mesh)
     cfg_scale = jnp.float32(eval_cfg.cfg_scale)
-    decoder_weights = jax.device_put(as_function(decoder, "decode")[1], replicated(mesh))
+    decoder_weights = jax.device_put(decoder.weights, replicated(mesh))
     labels = balanced_labels(num_samples, model_cfg.num_classes)
     images, index = [], []
     for i in tqdm(range(math.ceil(num_samples / batch)), disable=not progress, desc="sample", unit="batch"):
@@ -199,7 +180,7 @@ def generate_shares(graphdef, params, model_cfg: ModelConfig, train_cfg: TrainCo
 
 
 def generate(graphdef, params, model_cfg: ModelConfig, train_cfg: TrainConfig, eval_cfg: EvalConfig, *,
-             seed: int, num_samples: int | None = None, decoder: Decoder | None = None,
+             seed: int, num_samples: int | None = None, decoder: Autoencoder | None = None,
              progress: bool = True, timings: dict | None = None) -> np.ndarray:
     """All num_samples images (N, H, W, C) on every process: `generate_shares`, gathered."""
     samples = generate_shares(graphdef, params, model_cfg, train_cfg, eval_cfg, seed=seed, num_samples=num_samples,

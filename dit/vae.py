@@ -5,8 +5,8 @@ unscaled mean and logvar) and `decode` (unscaled latents -> images) are jitted, 
 shape. To call the network inside your own jitted function, pass the parameters as an argument, so they
 are not baked into the program as constants:
 
-    decode = jax.jit(lambda params, z: nnx.merge(vae.graphdef, params).decode(z))
-    images = decode(vae.params, latents / SCALE_FACTOR)
+    decode = jax.jit(vae.decode_with)
+    images = decode(vae.weights, latents / vae.scale_factor)
 
 Sizes are read from the weights' shapes; only the GroupNorm group count cannot be and is an argument.
 """
@@ -240,15 +240,17 @@ def _decode(graphdef: nnx.GraphDef, params: nnx.State, latents: jax.Array):
     return nnx.merge(graphdef, params).decode(latents)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # compared and hashed by identity: sampling programs are cached per VAE
 class VAE:
-    """A loaded VAE: the network split into graphdef and params, and where its weights came from."""
+    """A loaded VAE: the network split into graphdef and params, and where its weights came from; an
+    autoencoder of `dit.autoencoder` (`scale_factor`: that of the latents it is used with)."""
 
     config: VAEConfig
     graphdef: nnx.GraphDef
     params: nnx.State
     source: str | None  # the path or Hugging Face repo id; None for a state dict
     sha256: str | None  # of the weights file's bytes; None for a state dict
+    scale_factor: float = SCALE_FACTOR
 
     @property
     def downsample(self) -> int:
@@ -256,8 +258,23 @@ class VAE:
         return 2 ** (len(self.config.block_out_channels) - 1)
 
     @property
+    def latent_channels(self) -> int:
+        return self.config.latent_channels
+
+    @property
+    def weights(self) -> nnx.State:
+        return self.params
+
+    @property
     def model(self) -> AutoencoderKL:
         return nnx.merge(self.graphdef, self.params)
+
+    def encode_with(self, weights: nnx.State, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """`encode` as a function of the weights, to call inside a jitted function."""
+        return nnx.merge(self.graphdef, weights).encode(images)
+
+    def decode_with(self, weights: nnx.State, latents: jax.Array) -> jax.Array:
+        return nnx.merge(self.graphdef, weights).decode(latents)
 
     def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Images (B, H, W, C) in [-1, 1] -> unscaled mean and logvar (B, H/f, W/f, latent channels)."""

@@ -30,8 +30,8 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
 
 
-# The built-in digits data (the smoke preset's 8x8 cache, the demo's default 16x16 one, and the feature
-# classifier fd_digits uses for each), built once per session and copied where tests need them.
+# The built-in digits data (the 8x8 cache of the demo and smoke presets, the 16x16 one of demo_cache's default,
+# and the feature classifier fd_digits uses for each), built once per session and copied where tests need them.
 _DIGITS_BUILD = """
 import sys
 from dit.data.demo import demo_cache

@@ -140,7 +140,6 @@ def tiny_vae():
 
 
 def test_vae_latents_in_the_cache_equal_the_vae_encoding_and_sampling_decodes_them(fake, tmp_path):
-    from dit.autoencoder import ScaledDecoder
     from dit.config import EvalConfig, ModelConfig, TrainConfig
     from dit.model import DiT
     from dit.sample import generate
@@ -168,7 +167,7 @@ def test_vae_latents_in_the_cache_equal_the_vae_encoding_and_sampling_decodes_th
                             num_classes=cache.num_classes)
     graphdef, params = nnx.split(DiT(model_cfg, rngs=nnx.Rngs(0)))
     samples = generate(graphdef, params, model_cfg, TrainConfig(), EvalConfig(sampling_steps=2, batch_size=8),
-                       seed=0, num_samples=8, decoder=ScaledDecoder(vae, SCALE_FACTOR), progress=False)
+                       seed=0, num_samples=8, decoder=vae, progress=False)
     assert samples.shape == (8, RES, RES, 3) and samples.dtype == np.uint8
 
 

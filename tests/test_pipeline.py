@@ -187,7 +187,7 @@ def test_on_the_fly_images_are_cropped_flipped_encoded_and_resumable(tmp_path):
     from tests.fake_imagenet import make_class_folders
 
     make_class_folders(tmp_path / "images", classes=3, per_class=4, size=(24, 20))
-    make = lambda: ImageBatches(tmp_path / "images", PixelAutoencoder(), 1.0, 8, global_batch=8, seed=1,
+    make = lambda: ImageBatches(tmp_path / "images", PixelAutoencoder(), 8, global_batch=8, seed=1,
                                 process_index=0, process_count=1)
     source = make()
     straight = [source.next() for _ in range(4)]

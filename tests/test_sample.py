@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from dit.autoencoder import PixelAutoencoder
 from dit.config import EvalConfig, TrainConfig
 from dit.diffusion import create_diffusion
 from dit.mesh import batch_sharded, data_mesh
@@ -19,10 +20,10 @@ from tests.helpers import TINY, randomized
 EVAL = EvalConfig(num_samples=12, sampling_steps=5, batch_size=8)
 
 
-class Shrink:
+class Shrink(PixelAutoencoder):
     """A decoder that scales a random model's wild samples into [-1, 1], so uint8 images still differ."""
 
-    def decode(self, latents):
+    def decode_with(self, weights, latents):
         return latents / jnp.max(jnp.abs(latents), axis=(1, 2, 3), keepdims=True)
 
 

@@ -38,3 +38,28 @@ def test_a_cache_and_the_errors_that_name_the_fix(tmp_path):
         training_data(DataConfig())
     with pytest.raises(UserError, match="does not exist"):
         training_data(DataConfig(images=str(tmp_path / "nowhere"), vae="pixels"))
+
+
+def test_the_data_brings_the_autoencoder_that_made_it(tmp_path):
+    import json
+
+    import jax.numpy as jnp
+
+    from dit.autoencoder import PixelAutoencoder, decode_scaled
+    from dit.data import cache as latent_cache
+    from dit.data.extract import extract
+    make_class_folders(tmp_path / "digits", classes=2, per_class=4, size=(8, 8))
+    extract(tmp_path / "digits", PixelAutoencoder(), tmp_path / "cache", resolution=8, batch_size=8, shard_size=8,
+            dtype="float32", progress=False)
+    found = training_data(DataConfig(cache=str(tmp_path / "cache")))
+    assert found.autoencoder == PixelAutoencoder(1.0) and found.autoencoder is found.autoencoder  # loaded once
+    # A cache records the scale factor its latents were multiplied by; sampling divides by that one.
+    path = tmp_path / "cache" / latent_cache.MANIFEST
+    path.write_text(json.dumps({**json.loads(path.read_text()), "scale_factor": 2.0}))
+    scaled = training_data(DataConfig(cache=str(tmp_path / "cache"))).autoencoder
+    assert scaled.scale_factor == 2.0 and scaled.source == "pixels"
+    assert float(decode_scaled(scaled, scaled.weights, jnp.full((1, 8, 8, 3), 1.0))[0, 0, 0, 0]) == 0.5
+    # On the fly, the data.vae that encodes the batches: its channels and downsampling shape the latents.
+    make_class_folders(tmp_path / "images", classes=2, per_class=4, size=(8, 8))
+    on_the_fly = training_data(DataConfig(images=str(tmp_path / "images"), vae="pixels", resolution=8))
+    assert on_the_fly.autoencoder == PixelAutoencoder(1.0) and on_the_fly.latent_shape == (8, 8, 3)

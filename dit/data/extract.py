@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from dit.autoencoder import Autoencoder, PixelAutoencoder, as_function
+from dit.autoencoder import Autoencoder, from_uint8, load_autoencoder
 from dit.data import cache as latent_cache
 from dit.data.images import ImageSet, find_images, load_images
 from dit.errors import UserError, check_sizes, report
@@ -43,14 +43,13 @@ def make_encoder(autoencoder: Autoencoder):
     """
     mesh = data_mesh(jax.local_devices())
     sharded = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
-    encode_fn, weights = as_function(autoencoder, "encode")
-    weights = jax.device_put(weights, NamedSharding(mesh, PartitionSpec()))
+    weights = jax.device_put(autoencoder.weights, NamedSharding(mesh, PartitionSpec()))
 
     @jax.jit
     def encode(weights, images):
-        x = images.astype(jnp.float32) / 127.5 - 1.0
+        x = from_uint8(images)
         both = jnp.concatenate([x, x[:, :, ::-1]])  # the flip of DiT's training augmentation
-        mean, logvar = encode_fn(weights, both)
+        mean, logvar = autoencoder.encode_with(weights, both)
         std = jnp.exp(0.5 * logvar)
         n = images.shape[0]
         return (jnp.stack([mean[:n], mean[n:]], axis=1), jnp.stack([std[:n], std[n:]], axis=1))
@@ -71,7 +70,7 @@ def _files_digest(image_set: ImageSet) -> str:
 
 def extract(data: str | Path, autoencoder: Autoencoder, out: str | Path, *, resolution: int = 256,
             split: str = "train", batch_size: int = 64, shard_size: int = 1024, dtype: str = "float16",
-            scale_factor: float | None = None, name: str | None = None, progress: bool = True,
+            name: str | None = None, progress: bool = True,
             repa_encoder=None) -> dict | None:
     """Builds (or completes) the cache in `out`; returns its manifest, or None while other processes'
     shards are still missing. `name` is the dataset's name in results (default: imagenet100 for the
@@ -85,14 +84,14 @@ def extract(data: str | Path, autoencoder: Autoencoder, out: str | Path, *, reso
           + (f" (the full ImageNet-100 has {expected:,})" if expected else ""))
     devices = jax.local_device_count()
     batch_size = max(devices, batch_size // devices * devices)
-    down = getattr(autoencoder, "downsample", 8)
+    down = autoencoder.downsample
     if resolution % down:
         raise UserError(f"--resolution {resolution} is not a multiple of the autoencoder's downsampling {down}.")
     settings = {
         "dataset": name or ("imagenet100" if image_set.layout == "imagenet100" else image_set.root.name),
         "data": str(image_set.root), "split": split, "layout": image_set.layout, "resolution": resolution,
         "autoencoder": {"source": autoencoder.source, "sha256": autoencoder.sha256},
-        "scale_factor": float(scale_factor if scale_factor is not None else _scale_factor(autoencoder)),
+        "scale_factor": float(autoencoder.scale_factor),
         "dtype": dtype, "shard_size": shard_size, "num_files": len(image_set), "files_sha256": _files_digest(image_set),
         "repa": {"source": repa_encoder.source, "sha256": repa_encoder.sha256} if repa_encoder else None,
     }
@@ -188,13 +187,6 @@ def _disk_full_is_a_user_error(out: Path, num_shards: int):
             f"resumes from the finished shards.") from None
 
 
-def _scale_factor(autoencoder: Autoencoder) -> float:
-    if hasattr(autoencoder, "scale_factor"):
-        return autoencoder.scale_factor
-    from dit.vae import SCALE_FACTOR
-    return SCALE_FACTOR
-
-
 def _latent_shape(encode, resolution: int, devices: int) -> tuple[int, ...]:
     mean, _ = encode(np.zeros((devices, resolution, resolution, 3), np.uint8))
     return tuple(mean.shape[2:])
@@ -223,14 +215,6 @@ def _check_settings(out: Path, settings: dict) -> None:
         raise UserError(f"cannot create the --out directory {out} ({error.strerror}); choose a path that is "
                         f"not under a file, in a folder you can write.") from None
     latent_cache.write_json_atomic(path, settings)
-
-
-def load_autoencoder(spec: str, dtype: str = "float32") -> Autoencoder:
-    """'pixels' for the identity, else a VAE path or Hugging Face repo id."""
-    if spec == "pixels":
-        return PixelAutoencoder()
-    from dit.vae import load_vae
-    return load_vae(spec, dtype=dtype)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.repa_encoder:
             from dit.repa import load_dinov2
             repa_encoder = load_dinov2(args.repa_encoder, resolution=args.resolution)
-        autoencoder = load_autoencoder(args.vae, args.vae_dtype)
+        autoencoder = load_autoencoder(args.vae, dtype=args.vae_dtype)
         extract(args.data, autoencoder, args.out, resolution=args.resolution, split=args.split,
                 batch_size=args.batch, shard_size=args.shard_size, dtype=args.dtype, name=args.name,
                 repa_encoder=repa_encoder)

@@ -24,47 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dit.autoencoder import as_function
-from dit.batches import Batch, BatchFormat
+from dit.autoencoder import Autoencoder, from_uint8
+from dit.batches import Batch, BatchFormat, EpochOrder
 from dit.data.cache import LatentCache
 from dit.errors import UserError
 
 STREAM_LENGTH = 2**40  # batches are indexed lazily; no run reads this far
-
-
-class EpochOrder:
-    """Which records process p reads in its share of global batch b."""
-
-    def __init__(self, num_records: int, global_batch: int, seed: int, process_index: int = 0,
-                 process_count: int = 1):
-        if global_batch % process_count:
-            raise UserError(f"the global batch {global_batch} does not split over {process_count} processes.")
-        if num_records < global_batch:
-            raise UserError(f"the dataset has {num_records} records, fewer than one global batch of "
-                            f"{global_batch}; lower train.batch_size.")
-        self.num_records, self.global_batch, self.seed = num_records, global_batch, seed
-        self.local = global_batch // process_count
-        self.offset = process_index * self.local
-        self.batches_per_epoch = num_records // global_batch  # the last partial batch is dropped
-        self._epoch, self._permutation = -1, None
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:  # one permutation is kept: reads move through epochs in order
-            self._epoch, self._permutation = epoch, np.random.default_rng([self.seed, epoch]).permutation(
-                self.num_records)
-        return self._permutation
-
-    def batch(self, b: int) -> tuple[int, np.ndarray]:
-        """(epoch, records) of this process's rows of global batch b."""
-        epoch, k = divmod(int(b), self.batches_per_epoch)
-        start = k * self.global_batch + self.offset
-        return epoch, self.permutation(epoch)[start:start + self.local]
-
-    def __call__(self, local_index: int) -> tuple[int, int]:
-        """(epoch, record) of element `local_index` of this process's stream."""
-        b, r = divmod(int(local_index), self.local)
-        epoch, records = self.batch(b)
-        return epoch, int(records[r])
 
 
 def _batch_ids(epoch: int, records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -127,13 +92,14 @@ class _ReadImage:
 
 class ImageBatches:
     """The on-the-fly path, for users without a cache: images -> autoencoder -> the posterior's mean and
-    std, one flip per record chosen here (the step samples and scales it, as for a cache).
+    std, one flip per record chosen here (the step samples it and scales it by the autoencoder's scale
+    factor, as for a cache).
 
     grain reads the files (`workers` processes); encoding runs on this process's devices each batch, so
     it costs far more than reading a cache. State = batches handed out.
     """
 
-    def __init__(self, data: str | Path, autoencoder, scale_factor: float, resolution: int, global_batch: int,
+    def __init__(self, data: str | Path, autoencoder: Autoencoder, resolution: int, global_batch: int,
                  seed: int, *, process_index: int | None = None, process_count: int | None = None,
                  workers: int = 0, flip: bool = True):
         from dit.data.images import find_images
@@ -145,18 +111,17 @@ class ImageBatches:
         self.read = _ReadImage(self.image_set, resolution, self.order, flip)
         self.workers, self.batches, self._iterator = workers, 0, None
         self.num_classes = len(self.image_set.classes)
-        self.batch_format = BatchFormat(dtype="float32", flip=False, scale_factor=scale_factor)
+        self.batch_format = BatchFormat(dtype="float32", flip=False, scale_factor=autoencoder.scale_factor)
         devices = jax.local_device_count()
         if self.order.local % devices:
             raise UserError(f"this process's batch {self.order.local} does not split over its {devices} devices.")
         mesh = data_mesh(jax.local_devices())
         sharded = NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
-        encode_fn, weights = as_function(autoencoder, "encode")
-        weights = jax.device_put(weights, NamedSharding(mesh, PartitionSpec()))
+        weights = jax.device_put(autoencoder.weights, NamedSharding(mesh, PartitionSpec()))
 
         @jax.jit
         def encode(weights, images):
-            mean, logvar = encode_fn(weights, images.astype(jnp.float32) / 127.5 - 1.0)
+            mean, logvar = autoencoder.encode_with(weights, from_uint8(images))
             return mean[:, None], jnp.exp(0.5 * logvar)[:, None]  # axis 1: the one flip chosen
 
         self._encode = lambda images: [np.asarray(a) for a in encode(weights, jax.device_put(images, sharded))]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from dit.autoencoder import Autoencoder, load_autoencoder
 from dit.config import DataConfig, ModelConfig, TrainConfig
 from dit.errors import UserError
 
@@ -21,21 +22,25 @@ class TrainingData:
     latent_shape: tuple[int, int, int]  # what the model sees: (h, w, channels)
     num_classes: int
     cache: object | None  # the LatentCache; None on the on-the-fly path
-    autoencoder: object | None = None  # the on-the-fly path's encoder
+    loaded_autoencoder: Autoencoder | None = None  # on the fly: data.vae's; a cache's is loaded on first use
+
+    @property
+    def autoencoder(self) -> Autoencoder:
+        """What made the training latents, with their scale factor, and so what decodes samples: the cache's
+        recorded autoencoder (the same VAE file, checked by its SHA-256), or on the fly data.vae's."""
+        if self.loaded_autoencoder is None:
+            recorded = self.cache.manifest["autoencoder"]
+            self.loaded_autoencoder = load_autoencoder(recorded["source"], recorded["sha256"],
+                                                       scale_factor=self.cache.scale_factor)
+        return self.loaded_autoencoder
 
     def batches(self, data: DataConfig, train: TrainConfig):
         """This process's source of training batches, for `dit.train.train`."""
-        from dit.autoencoder import on_the_fly_scale_factor
         from dit.data.pipeline import CacheBatches, ImageBatches
         if self.cache is not None:
             return CacheBatches(self.cache, train.batch_size, train.seed, flip=data.flip, repa=train.repa_weight > 0)
-        return ImageBatches(data.images, self.autoencoder, on_the_fly_scale_factor(data.vae), data.resolution,
-                            train.batch_size, train.seed, workers=data.workers, flip=data.flip)
-
-    def decoder(self, data: DataConfig):
-        """How samples become images; on the fly with the autoencoder already loaded, not a second copy."""
-        from dit.autoencoder import decoder_for
-        return decoder_for(data, self.autoencoder)
+        return ImageBatches(data.images, self.autoencoder, data.resolution, train.batch_size, train.seed,
+                            workers=data.workers, flip=data.flip)
 
     def check_model(self, model: ModelConfig, where: str, repa: bool = False) -> None:
         """The model must take these latents and labels (and with `repa`, the data must hold REPA targets with
@@ -76,18 +81,15 @@ def training_data(data: DataConfig) -> TrainingData:
 
 
 def _on_the_fly(data: DataConfig) -> TrainingData:
-    from dit.autoencoder import autoencoder_from_source
     from dit.data.images import find_images
     image_set = find_images(data.images, "train")
-    autoencoder = autoencoder_from_source(data.vae)
-    downsample = getattr(autoencoder, "downsample", 1)
-    if data.resolution % downsample:
+    autoencoder = load_autoencoder(data.vae)
+    if data.resolution % autoencoder.downsample:
         raise UserError(f"data.resolution={data.resolution} is not a multiple of the autoencoder's downsampling "
-                        f"{downsample}; use a multiple, such as 256.")
-    channels = 3 if data.vae == "pixels" else autoencoder.config.latent_channels
-    size = data.resolution // downsample
+                        f"{autoencoder.downsample}; use a multiple, such as 256.")
+    size = data.resolution // autoencoder.downsample
     # Named as `extract` names a cache, so runs on the fly and on a cache share a leaderboard group.
     dataset = "imagenet100" if image_set.layout == "imagenet100" else Path(image_set.root).resolve().name
     return TrainingData(dataset=dataset, resolution=data.resolution,
-                        latent_shape=(size, size, channels), num_classes=len(image_set.classes), cache=None,
-                        autoencoder=autoencoder)
+                        latent_shape=(size, size, autoencoder.latent_channels), num_classes=len(image_set.classes),
+                        cache=None, loaded_autoencoder=autoencoder)

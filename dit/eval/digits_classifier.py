@@ -1,6 +1,6 @@
 """The demo's feature network: a small CNN trained on the digits cache itself, for `fd_digits`.
 
-FID's Inception means nothing on 16x16 digits (and is slow on a CPU), so the demo measures a Frechet
+FID's Inception means nothing on 8x8 digits (and is slow on a CPU), so the demo measures a Frechet
 distance in the 64 features of a classifier of the digits instead. It is trained once per cache and
 saved next to it:
 
@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from dit.autoencoder import from_uint8, to_uint8
 from dit.data.cache import MANIFEST, LatentCache
 from dit.errors import UserError
 from dit.eval.metrics import statistics
@@ -47,7 +48,8 @@ WEIGHT_DECAY = 1e-4
 
 
 class DigitsCNN(nnx.Module):
-    """16x16x3 -> conv 32 -> conv/2 64 -> conv/2 128 -> mean pool -> 64 features -> 10 logits."""
+    """(H, W, 3) digits (8x8 in the presets) -> conv 32 -> conv/2 64 -> conv/2 128 -> mean pool -> 64 features
+    -> 10 logits."""
 
     def __init__(self, rngs: nnx.Rngs):
         conv = functools.partial(nnx.Conv, kernel_size=(3, 3), padding="SAME", rngs=rngs)
@@ -68,16 +70,6 @@ class DigitsCNN(nnx.Module):
         return self.head(self.features(x))
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """[-1, 1] -> uint8 exactly as `dit.sample.to_uint8` quantises samples (127.5 x + 128, clipped, truncated)."""
-    return np.clip(127.5 * np.asarray(images, np.float32) + 128.0, 0, 255).astype(np.uint8)
-
-
-def from_uint8(images) -> jax.Array:
-    """uint8 -> [-1, 1], the inverse the network is trained and evaluated on."""
-    return jnp.asarray(images, jnp.float32) / 127.5 - 1.0
-
-
 def manifest_sha256(cache_dir: str | Path) -> str:
     return sha256_of(Path(cache_dir) / MANIFEST)
 
@@ -87,7 +79,7 @@ def cache_images(cache: LatentCache) -> tuple[np.ndarray, np.ndarray]:
 
     The network is trained on these quantised values too: exactly what it will see of the samples.
     """
-    images = np.stack([to_uint8(cache.record(i)[0]) for i in range(len(cache))])
+    images = np.asarray(to_uint8(np.stack([cache.record(i)[0] for i in range(len(cache))])))
     return images, np.asarray(cache.labels, np.int32)
 
 
@@ -114,7 +106,7 @@ def _batched(fn, graphdef: nnx.GraphDef, params: nnx.State, images: np.ndarray, 
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise UserError(f"the digits classifier needs uint8 RGB images shaped (N, H, W, 3); got {images.dtype} "
-                        f"{images.shape}. Quantise images in [-1, 1] with dit.sample.to_uint8.")
+                        f"{images.shape}. Quantise images in [-1, 1] with dit.autoencoder.to_uint8.")
     outputs = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]

@@ -19,7 +19,8 @@ from dit.config import RunConfig
 from dit.errors import UserError
 from dit.eval.metrics import frechet_distance, statistics
 from dit.eval.reference import Reference
-from dit.sample import Decoder, generate_shares, save_grid
+from dit.autoencoder import Autoencoder
+from dit.sample import generate_shares, save_grid
 
 GRID_IMAGES = 64
 
@@ -29,7 +30,7 @@ class FrechetEvaluator:
     name: str  # the metric's name: "fid" for the FID Inception
     embed: Callable[[np.ndarray], np.ndarray]  # uint8 images (N, H, W, 3) -> features (N, D)
     reference: Reference
-    decoder: Decoder
+    decoder: Autoencoder  # the run's: what made its training latents
     run: RunConfig
     graphdef: object
     sample_dir: Path | None = None  # sample grids go here (process 0 only, of its own samples)
@@ -90,5 +91,5 @@ def build_evaluator(config: RunConfig, data, sample_dir: Path | None = None, ref
         real = digits_reference(data.cache.directory, classifier)
         real.check(FEATURES)  # built from the classifier's own features: cheap, and catches a changed head
     graphdef = nnx.split(nnx.eval_shape(lambda: DiT(config.model, rngs=nnx.Rngs(0))))[0]
-    return FrechetEvaluator(name, embed, real, data.decoder(config.data), config, graphdef,
+    return FrechetEvaluator(name, embed, real, data.autoencoder, config, graphdef,
                             sample_dir=sample_dir)

@@ -159,7 +159,7 @@ def sample_run(run_dir: Path, step: int | None, overrides: list[str], num_sample
                progress: bool = True) -> tuple[Samples, dict]:
     """Samples from a run's checkpoint with its EMA parameters; returns this process's share of the samples
     and the settings used."""
-    from dit.autoencoder import decoder_for
+    from dit.data.source import training_data
     from dit.sample import generate_shares, sampler_name
 
     run, _ = read_run(run_dir, overrides)
@@ -167,7 +167,7 @@ def sample_run(run_dir: Path, step: int | None, overrides: list[str], num_sample
     timings: dict = {}
     seed = run.train.seed if seed is None else seed
     samples = generate_shares(graphdef, ema, run.model, run.train, run.eval, seed=seed,
-                              num_samples=num_samples, decoder=decoder_for(run.data), progress=progress,
+                              num_samples=num_samples, decoder=training_data(run.data).autoencoder, progress=progress,
                               timings=timings)
     settings = {"run": str(run_dir), "step": step, "variant": run.variant, "objective": run.train.objective,
                 "sampler": sampler_name(run.train, run.eval),
