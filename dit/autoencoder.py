@@ -62,9 +62,6 @@ class PixelAutoencoder:
         return self.decode_with(self.weights, latents)
 
 
-PIXELS = PixelAutoencoder()
-
-
 def decode_scaled(autoencoder: Autoencoder, weights, latents: jax.Array) -> jax.Array:
     """Model-space latents -> images: undoes the scale factor, then decodes (what sampling does)."""
     return autoencoder.decode_with(weights, latents / autoencoder.scale_factor)

@@ -21,7 +21,7 @@ from flax import nnx
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dit.autoencoder import PIXELS, Autoencoder, decode_scaled, to_uint8
+from dit.autoencoder import Autoencoder, PixelAutoencoder, decode_scaled, to_uint8
 from dit.config import SAMPLERS, EvalConfig, ModelConfig, RunConfig, TrainConfig
 from dit.errors import UserError
 from dit.guidance import guided_model_fn
@@ -148,7 +148,7 @@ def generate_shares(graphdef, params, model_cfg: ModelConfig, train_cfg: TrainCo
     With a `timings` dict, adds the seconds spent sampling and decoding to its "sample_s" and "decode_s"
     (waiting for each; without it, the device runs ahead of the host)."""
     num_samples = num_samples or eval_cfg.num_samples
-    decoder = decoder or PIXELS
+    decoder = decoder or PixelAutoencoder()  # equal to every other: the compiled programs are shared
     mesh = data_mesh()
     batch = eval_cfg.batch_size
     if batch % jax.device_count():
