@@ -87,7 +87,7 @@ def trained(setup, tmp_path_factory):
     from dit.model import DiT
     graphdef = nnx.split(DiT(run.model, rngs=nnx.Rngs(0)))[0]
     reference = load_reference(root / "ref.npz")
-    evaluator = FrechetEvaluator("fid", inception.features, reference, training_data(run.data).autoencoder, run, graphdef,
+    evaluator = FrechetEvaluator("fid", inception, reference, training_data(run.data).autoencoder, run, graphdef,
                                  sample_dir=workdir / "samples")
     record = {"run_id": "tiny-run", "budget_params": 32_519_456, "gflops": 6.06, "dataset": "images",
               "resolution": RES, "metric": "fid"}

@@ -204,6 +204,10 @@ class DigitsClassifier:
         """uint8 (N, H, W, 3) -> (N, 64) float32: the features `fd_digits` compares."""
         return _batched(_features, self.graphdef, self.params, images, batch_size)
 
+    def features_and_logits(self, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, H, W, 3) -> the features and the (N, 10) logits: the evaluation's network interface."""
+        return self.features(images, batch_size), _batched(_logits, self.graphdef, self.params, images, batch_size)
+
     def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """uint8 (N, H, W, 3) -> (N,) predicted digits."""
         return _batched(_logits, self.graphdef, self.params, images, batch_size).argmax(-1)

@@ -21,10 +21,9 @@ import itertools
 import json
 import math
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -32,8 +31,9 @@ from flax import nnx
 
 from dit.config import SAMPLERS, RunConfig
 from dit.errors import UserError, report
+from dit.eval.evaluator import check_count, evaluate_images
 from dit.eval.inception import FEATURES
-from dit.eval.metrics import frechet_distance, inception_score, precision_recall, statistics
+from dit.eval.metrics import frechet_distance
 from dit.files import write_json_atomic
 from dit.leaderboard import (DEFAULT_PATH, FLOAT_COLUMNS, INT_COLUMNS, append_rows, git_commit, read_rows,
                              setting_columns, utc_now)
@@ -47,26 +47,6 @@ __all__ = ["frechet_distance", "evaluate_images", "sample_run", "sweep_settings"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
-def evaluate_images(images: np.ndarray, inception, reference, batch_size: int = 200,
-                    gather: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
-    """FID, Inception Score and precision/recall of uint8 images against a Reference. With `gather`
-    (`Samples.gather`), `images` are this process's share and the features of all shares are gathered."""
-    reference.check(FEATURES)
-    started = time.perf_counter()
-    features, logits = inception.features_and_logits(images, batch_size=batch_size)
-    if gather is not None:
-        features, logits = gather(features), gather(logits)
-    _check_count(len(features), "the samples to evaluate")  # all processes' together
-    features_s = time.perf_counter() - started
-    mu, sigma = statistics(features)
-    result = {"fid": frechet_distance(mu, sigma, reference.mu, reference.sigma), "num_samples": len(images)}
-    result["inception_score"], result["inception_score_std"] = inception_score(logits)
-    if reference.features is not None and len(reference.features) > 3 and len(features) > 3:
-        result["precision"], result["recall"] = precision_recall(reference.features, features[:len(reference.features)])
-    result["features_s"] = features_s
-    return result
-
-
 def read_npz(path: Path) -> np.ndarray:
     try:
         images = np.load(path)["arr_0"]
@@ -74,7 +54,7 @@ def read_npz(path: Path) -> np.ndarray:
         raise UserError(f"{path} is not a sample batch .npz with arr_0 ({error}).") from None
     if images.dtype != np.uint8 or images.ndim != 4:
         raise UserError(f"{path}: arr_0 must be uint8 NHWC images, got {images.dtype} {images.shape}.")
-    _check_count(len(images), str(path))
+    check_count(len(images), str(path))
     return images
 
 
@@ -85,7 +65,7 @@ def read_folder(folder: Path) -> np.ndarray:
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise UserError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}.")
-    _check_count(len(files), str(folder))
+    check_count(len(files), str(folder))
     images = []
     for p in files:
         try:
@@ -96,12 +76,6 @@ def read_folder(folder: Path) -> np.ndarray:
     if len({im.shape for im in images}) > 1:
         raise UserError(f"the images in {folder} differ in size; FID needs samples of one size.")
     return np.stack(images)
-
-
-def _check_count(n: int, source: str) -> None:
-    if n < 2:  # a covariance needs 2 samples
-        raise UserError(f"{source}: {n} sample image{'' if n == 1 else 's'}, but FID needs at least 2, and a "
-                        f"meaningful FID thousands (10,000 for FID-10K, 50,000 for FID-50K).")
 
 
 def read_run(run_dir: Path, overrides: list[str] = ()) -> tuple[RunConfig, dict]:
