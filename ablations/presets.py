@@ -18,6 +18,7 @@ from typing import Callable
 from dit.config import RunConfig
 
 DEMO_ROOT = "data/digits"  # relative to the working directory, like runs/
+DIGITS = dict(builtin="digits", cache=f"{DEMO_ROOT}/cache-8", resolution=8)
 
 
 def _shrink(config: RunConfig, *, model: dict, train: dict, eval: dict, data: dict | None = None) -> RunConfig:
@@ -83,7 +84,7 @@ def demo(config: RunConfig) -> RunConfig:
         eval=dict(every=1_250, num_samples=500, sampling_steps=50, batch_size=100, cfg_scale=1.5,
                   metric="fd_digits"),
         # No flips: a mirrored digit is not a digit (DiT flips ImageNet, where a mirror image is the same class).
-        data=dict(cache=f"{DEMO_ROOT}/cache-8", flip=False),
+        data=dict(DIGITS, flip=False),
     )
 
 
@@ -105,17 +106,16 @@ def smoke(config: RunConfig) -> RunConfig:
                    conv_stem_width=8),
         train=dict(steps=4, batch_size=8, ckpt_every=2, log_every=1),
         eval=dict(every=4, num_samples=16, sampling_steps=4, batch_size=8, metric="fd_digits"),
-        data=dict(cache=f"{DEMO_ROOT}/cache-8", flip=False),
+        data=dict(DIGITS, flip=False),
     )
 
 
 def prepare_data(config: RunConfig, progress: bool = True) -> None:
-    """Builds the built-in digits cache on first use, when the config points at it; other data is
-    made by the user's own `python -m dit.data.extract` and only checked."""
-    cache = Path(config.data.cache)
-    if config.data.cache and cache.parent == Path(DEMO_ROOT) and not (cache / "manifest.json").exists():
-        from dit.data.demo import demo_cache
-        demo_cache(cache.parent, resolution=int(cache.name.removeprefix("cache-")), progress=progress)
+    """Builds the built-in digits cache on first use where the config names them (data.builtin=digits);
+    other data is made by the user's own `python -m dit.data.extract` and only checked."""
+    if config.data.builtin == "digits":
+        from dit.data.demo import digits_cache
+        digits_cache(Path(config.data.cache), config.data.resolution, progress)
 
 
 PRESETS: dict[str, Callable[[RunConfig], RunConfig]] = {

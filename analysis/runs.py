@@ -172,7 +172,7 @@ def metrics_frame(runs: list[Run]) -> pd.DataFrame:
         part = pd.DataFrame({
             "run_id": run.run_id, "variant": run.variant, "preset": run.config.get("preset", ""),
             "seed": train.get("seed", 0), "dataset": run.dataset, "metric": run.metric,
-            "params": run.config.get("params"), "gflops": run.config.get("gflops"),
+            "params": run.config.get("budget_params"), "gflops": run.config.get("gflops"),
             "batch_size": train.get("batch_size"), "step": m["step"],
             "loss": m.get("loss"), "img_per_s": m.get("img_per_s"),
             "value": m.get(run.metric), "num_samples": m.get(f"{run.metric}_samples"),

@@ -313,6 +313,7 @@ class DataConfig:
     """Where training batches come from: a latent cache (fast), or images encoded on the fly."""
 
     cache: str = ""  # latent cache directory from `python -m dit.data.extract`; "" = the preset's
+    builtin: str = ""  # "digits": the built-in digits, built at `cache` (at `resolution`) on first use; "": your data
     images: str = ""  # on-the-fly instead of a cache: a dataset root whose images are encoded each step
     vae: str = "stabilityai/sd-vae-ft-ema"  # the autoencoder for on-the-fly encoding and for decoding samples
     resolution: int = 256  # on-the-fly center crop
@@ -324,6 +325,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.workers < 0 or self.resolution <= 0:
             raise ConfigError("data.workers must be >= 0 and data.resolution positive.")
+        if self.builtin not in ("", "digits"):
+            raise ConfigError(f"data.builtin={self.builtin!r}: the built-in dataset is 'digits'; leave data.builtin "
+                              f"empty to train on your own data.cache or data.images.")
+        if self.builtin and not self.cache:
+            raise ConfigError(f"data.builtin={self.builtin} needs data.cache, the directory its cache is built in.")
 
 
 @dataclass(frozen=True)

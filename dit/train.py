@@ -614,10 +614,10 @@ def _train_locked(run: RunConfig, workdir: Path, source: BatchSource, objective:
         print(f"training step compiled: grad_accum {compiled.grad_accum}, {compiled.memory.describe()}")
     checkpoints = Checkpoints(workdir / "checkpoints", cfg)
     if lead and not (workdir / CONFIG).is_file():
-        params = sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))
+        model_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))  # this run's model
         step_record = {"grad_accum": compiled.grad_accum, "memory_gb": compiled.memory.total / 1e9,
                        "capacity_gb": None if compiled.memory.capacity is None else compiled.memory.capacity / 1e9}
-        write_json_atomic(workdir / CONFIG, {**to_dict(run), "params": params, "compiled_step": step_record, **(record or {})})
+        write_json_atomic(workdir / CONFIG, {**to_dict(run), "model_params": model_params, "compiled_step": step_record, **(record or {})})
     last_saved = None
     if resume:
         state, data_state = _restore(checkpoints, state, workdir, lead)

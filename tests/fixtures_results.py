@@ -54,7 +54,7 @@ def _config(variant: str, spec: dict, seed: int) -> dict:
         "eval": {"every": spec["eval_every"], "num_samples": spec["num_samples"], "sampling_steps": 50,
                  "cfg_scale": 1.0, "sampler": ""},
         "data": {"cache": "data/digits-cache" if demo else "data/in100-latents"},
-        "params": demo_params if demo else params, "budget_params": params,
+        "model_params": demo_params if demo else params, "budget_params": params,
         "gflops": 0.05 if demo else gflops, "git_commit": "abc1234", "run_id": _run_id(variant, spec["preset"], seed),
         "dataset": spec["dataset"], "metric": spec["metric"],
     }
@@ -136,7 +136,7 @@ def _write_run(runs: Path, variant: str, spec: dict, seed: int, damage: str = ""
 def _leaderboard_row(record: dict, spec: dict) -> dict:
     config = record["config"]
     return {
-        "date": "2026-11-29", "run_id": config["run_id"], "variant": config["variant"], "params": config["params"],
+        "date": "2026-11-29", "run_id": config["run_id"], "variant": config["variant"], "params": config["model_params"],
         "gflops": config["gflops"], "preset": config["preset"], "dataset": config["dataset"],
         "resolution": spec["resolution"], "objective": "ddpm", "sampler": "ddpm", "sampling_steps": 50,
         "cfg_scale": 1.0, "step": record["step"], "batch_size": spec["batch_size"], "metric": spec["metric"],

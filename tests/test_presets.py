@@ -49,6 +49,6 @@ def test_prepare_data_builds_the_digits_where_a_preset_points_and_nothing_elsewh
     smoke = PRESETS["smoke"](RunConfig(variant="baseline", preset="smoke", model=resolve("baseline")))
     prepare_data(smoke, progress=False)
     assert (tmp_path / smoke.data.cache / "manifest.json").exists()
-    elsewhere = dataclasses.replace(smoke, data=dataclasses.replace(smoke.data, cache="data/mine/cache-8"))
+    elsewhere = dataclasses.replace(smoke, data=dataclasses.replace(smoke.data, cache="data/mine/cache-8", builtin=""))
     prepare_data(elsewhere, progress=False)  # the user's own data: checked later, never made here
     assert not (tmp_path / "data" / "mine").exists()

@@ -72,7 +72,7 @@ def test_writes_run_files_and_loss_falls(tmp_path, objective):
     assert records[-1]["loss"] < 0.8 * records[0]["loss"]
     assert {"loss", "loss_q0", "loss_q3", "grad_norm", "lr", "img_per_s", "step_ms"} <= set(records[-1])
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["train"]["objective"] == objective and config["params"] > 0
+    assert config["train"]["objective"] == objective and config["model_params"] > 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["final_step"] == 150
 
 

@@ -17,6 +17,7 @@ from PIL import Image
 
 from dit.autoencoder import PixelAutoencoder
 from dit.data.cache import MANIFEST
+from dit.errors import UserError
 
 DEMO_RESOLUTION = 16  # the 8x8 digits upsampled by the ADM crop's bicubic resize
 
@@ -43,13 +44,23 @@ def write_digits(root: Path) -> Path:
 
 
 def demo_cache(root: str | Path = "data/digits", resolution: int = DEMO_RESOLUTION, progress: bool = True) -> Path:
-    """The demo's cache directory, built on first use (images, then pixel 'latents'); returns its path."""
+    """The demo's cache directory, root/cache-<resolution>, built on first use; returns its path."""
+    return digits_cache(Path(root) / f"cache-{resolution}", resolution, progress)
+
+
+def digits_cache(cache: Path, resolution: int, progress: bool = True) -> Path:
+    """The digits' cache at `cache`, built on first use (images, then pixel 'latents'; the images beside it,
+    in cache.parent/images); returns its path. A directory there that holds something else is an error:
+    the built-in data is never written over a user's files."""
     from dit.data.extract import extract
 
-    root = Path(root)
-    cache = root / f"cache-{resolution}"
+    cache = Path(cache)
     if not (cache / MANIFEST).is_file():
-        images = write_digits(root)
+        if cache.is_dir() and any(cache.iterdir()):
+            raise UserError(f"data.builtin=digits builds the digits' cache in {cache}, which holds other files and no "
+                            f"cache manifest. Point data.cache at a new directory, or, to train on your own cache "
+                            f"there, leave data.builtin empty (--set data.builtin=).")
+        images = write_digits(cache.parent)
         extract(images, PixelAutoencoder(), cache, resolution=resolution, batch_size=256, shard_size=512,
                 dtype="float32", name="digits", progress=progress)
     return cache
