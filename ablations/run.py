@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import uuid
-from datetime import datetime, timezone
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project importable without an install
@@ -21,10 +22,10 @@ from ablations.presets import PRESETS, prepare_data
 from dit.config import RunConfig, apply_overrides, from_dict, to_dict
 from dit.counting import count_params
 from dit.errors import UserError, report
-from dit.leaderboard import append_rows, git_commit, read_rows, setting_columns
-from dit.rundir import CONFIG, SUMMARY, holds_run, read_json, read_metrics
+from dit.leaderboard import git_commit, utc_now
+from dit.rundir import CONFIG, SUMMARY, holds_run, read_json
 from variants import BUDGET, REGISTERED, check_budget, measure, resolve
-from variants.budget import VariantCost
+from variants.budget import VariantCost, repa_projector_params
 from variants.registry import ALIASES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,7 +144,6 @@ def existing_folder(path: Path) -> Path:
 def check_writable(path: Path, what: str, flag: str) -> None:
     """Refuses a path that cannot be written (read-only disk, no permission) before the run starts, by
     creating and removing a file in it or in its nearest existing parent."""
-    import tempfile
     target = existing_folder(path)
     try:
         if path.is_file():
@@ -157,7 +157,6 @@ def check_writable(path: Path, what: str, flag: str) -> None:
 def check_room(config: RunConfig, workdir: Path) -> None:
     """Refuses a run whose checkpoints cannot fit on the disk: keep_checkpoints + 1 (one being written) of
     the float32 state (parameters, EMA and Adam's two moments)."""
-    import shutil
     needed = 4 * 4 * count_params(config.model) * (config.train.keep_checkpoints + 1)
     free = shutil.disk_usage(existing_folder(workdir)).free
     if free < needed:
@@ -170,7 +169,6 @@ def training_only(config: RunConfig) -> str:
     """What a run trains besides the model (outside the budget, dropped by samplers and exports), as a clause."""
     if not config.train.repa_weight:
         return ""
-    from variants.budget import repa_projector_params
     return f", plus {repa_projector_params(config.model, config.train):,} training-only in REPA's projector"
 
 
@@ -186,38 +184,6 @@ def check_data(config: RunConfig, progress: bool):
     return data
 
 
-def leaderboard_rows(config: RunConfig, workdir: Path, record: dict) -> list[dict]:
-    """One row per evaluation in metrics.jsonl (the last line of a step wins, as after a resume)."""
-    import numpy as np
-    metric = config.eval.metric
-    by_step = {}
-    speeds = []
-    for entry in read_metrics(workdir):
-        if "compile_s" not in entry and entry.get("img_per_s"):
-            speeds.append(entry["img_per_s"])
-        if entry.get(metric) is not None:
-            by_step[entry["step"]] = entry
-    img_per_s = float(np.median(speeds)) if speeds else None
-    return [{
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_id": record["run_id"],
-        "variant": config.variant, "params": record["budget_params"], "gflops": record["gflops"],
-        "preset": config.preset, "dataset": record["dataset"], "resolution": record["resolution"],
-        **setting_columns(config), "step": step, "batch_size": config.train.batch_size, "metric": metric,
-        "value": entry[metric], "num_samples": entry[f"{metric}_samples"], "seed": config.train.seed,
-        "img_per_s": img_per_s, "hardware": record["hardware"], "git_commit": record["git_commit"],
-        "source": "train", "reference_sha256": record.get("reference_sha256"),
-    } for step, entry in sorted(by_step.items())]
-
-
-def record_results(config: RunConfig, workdir: Path, record: dict, leaderboard: Path) -> list[dict]:
-    """Appends the run's evaluations that the leaderboard does not hold yet (a resumed run adds nothing twice)."""
-    held = {(r["run_id"], r["metric"], int(r["step"])) for r in read_rows(leaderboard) if r["source"] == "train"}
-    rows = [r for r in leaderboard_rows(config, workdir, record) if (r["run_id"], r["metric"], r["step"]) not in held]
-    if rows:
-        append_rows(rows, leaderboard)
-    return rows
-
-
 def write_figures(workdir: Path, leaderboard: Path, figures: Path) -> None:
     try:
         from analysis.report import main as report
@@ -229,12 +195,14 @@ def write_figures(workdir: Path, leaderboard: Path, figures: Path) -> None:
 def train_and_record(args, config: RunConfig, cost, changes: dict | None = None) -> int:
     """Trains and records the run; `changes` are those of a resume whose config.json main already read
     (--resume --workdir); a --resume that finds its run here reads it now."""
+    # The training stack (orbax, the samplers, the evaluator's networks: 2 s of imports) loads only for a
+    # run, so --list, --dry-run and a refused budget answer at once.
     import jax
 
     from dit.distributed import initialize
     from dit.eval.evaluator import build_evaluator
     from dit.objectives import make_objective
-    from dit.train import train
+    from dit.run import record_results, train_run
 
     initialize(args.coordinator, args.num_processes, args.process_id)
     lead = jax.process_index() == 0
@@ -264,13 +232,13 @@ def train_and_record(args, config: RunConfig, cost, changes: dict | None = None)
         "metric": config.eval.metric, "reference_sha256": evaluator.reference.sha256,
         "git_commit": git_commit(), "command": sys.argv,
         "hardware": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "started": utc_now(),
     }
     if lead:
         print(f"run {workdir} ({'resuming' if args.resume else 'new'}): {config.variant}, preset {config.preset}, "
               f"{count_params(config.model):,} parameters in this run's model" + training_only(config))
     source = data.batches(config.data, config.train)
-    summary = train(config, workdir, source, make_objective(config), resume=args.resume, record=record,
+    summary = train_run(config, workdir, source, make_objective(config), resume=args.resume, record=record,
                     progress=progress, evaluate=evaluator, resume_changes=changes or {})
     if summary["preempted"]:
         if lead:
@@ -300,6 +268,7 @@ def finished_run(config: RunConfig, workdir: Path, summary: dict, leaderboard: P
                         f"leaderboard rows are final; a finished run is not extended. Start a new run with "
                         f"--set train.steps={config.train.steps}.")
     if lead:
+        from dit.run import record_results
         rows = record_results(config, workdir, read_json(workdir / CONFIG), leaderboard)
         print(f"{workdir} is complete (step {summary.get('final_step')}, {describe_metric(config, summary)}); nothing "
               f"to do{f', {len(rows)} missing leaderboard rows added' if rows else ''}.")

@@ -246,12 +246,12 @@ def bench_data(cache: str | None, batch: int, steps: int) -> dict:
 
 
 def bench_loop(variant: str, batch: int, steps: int, dtype: str | None) -> dict:
-    """`steps` steps of the real training loop (dit.train.train: prefetch, logging, a final checkpoint) on
+    """`steps` steps of the real training loop (dit.run.train_run: prefetch, logging, a final checkpoint) on
     random in-memory latents: the img/s the loop logs, which the step alone (bench train) does not see."""
     from dit.batches import ArrayBatches
     from dit.objectives import make_objective
     from dit.rundir import read_metrics
-    from dit.train import train
+    from dit.run import train_run
 
     model = _variant_model(variant, dtype)
     log_every = max(1, steps // 4)
@@ -262,7 +262,7 @@ def bench_loop(variant: str, batch: int, steps: int, dtype: str | None) -> dict:
     source = ArrayBatches(x, rng.integers(0, model.num_classes, len(x)), batch, seed=0)
     with tempfile.TemporaryDirectory(prefix="dit-bench-loop-") as workdir:
         start = time.perf_counter()
-        train(run, Path(workdir) / "run", source, make_objective(run), progress=False)
+        train_run(run, Path(workdir) / "run", source, make_objective(run), progress=False)
         wall_s = time.perf_counter() - start
         logged = [r["img_per_s"] for r in read_metrics(Path(workdir) / "run" / "metrics.jsonl") if "img_per_s" in r]
     return {"backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,

@@ -29,9 +29,10 @@ SEAL = "sha256.json"
 
 
 class Checkpoints:
-    """The checkpoints of one run directory."""
+    """The checkpoints of one run directory. With `part`, for reading a part of the state (the EMA for an
+    evaluation): restores take a subtree of the saved state, and nothing is saved."""
 
-    def __init__(self, directory: Path, cfg: TrainConfig):
+    def __init__(self, directory: Path, cfg: TrainConfig, part: bool = False):
         directory = Path(directory).absolute()
         self.local = cfg.local_checkpoints and jax.process_count() > 1
         if self.local:
@@ -43,7 +44,9 @@ class Checkpoints:
                 barrier_sync_key_prefix=f"process_{jax.process_index()}")
         else:
             multiprocessing = ocp.options.MultiprocessingOptions()
-        handlers = {"state": ocp.StandardCheckpointHandler(multiprocessing_options=multiprocessing),
+        self.part = part
+        reader = ocp.PyTreeCheckpointHandler if part else ocp.StandardCheckpointHandler  # the same files
+        handlers = {"state": reader(multiprocessing_options=multiprocessing),
                     "meta": ocp.JsonCheckpointHandler(multiprocessing_options=multiprocessing)}
         policies = [checkpoint_managers.LatestN(cfg.keep_checkpoints)]
         if cfg.keep_every:
@@ -154,8 +157,12 @@ class Checkpoints:
         target = abstract_state
         if self.local:
             target = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract_state)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        if self.part:
+            state = ocp.args.PyTreeRestore(target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                           partial_restore=True)
+        else:
+            state = ocp.args.StandardRestore(target)
+        restored = self.manager.restore(step, args=ocp.args.Composite(state=state, meta=ocp.args.JsonRestore()))
         state = restored.state
         if self.local:  # every process holds the same values: make them global arrays placed as the target
             state = jax.tree.map(lambda a, like: jax.device_put(a, like.sharding), state, abstract_state)

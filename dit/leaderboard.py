@@ -70,6 +70,18 @@ def git_commit() -> str:
         return "unknown"
 
 
+def run_row(run: RunConfig, recorded: dict, **columns) -> dict:
+    """A leaderboard row of a run's evaluation: what its config.json recorded (`recorded`: the run id, the
+    variant's DiT-S-size count and GFLOPs, the data, the machine and commit) and its settings, with
+    `columns` (step, metric, value, source, ...) on top."""
+    return {"date": utc_now(), "run_id": recorded.get("run_id"), "variant": run.variant,
+            "params": recorded.get("budget_params"), "gflops": recorded.get("gflops"), "preset": run.preset,
+            "dataset": recorded.get("dataset"), "resolution": recorded.get("resolution"), **setting_columns(run),
+            "batch_size": run.train.batch_size, "seed": run.train.seed, "img_per_s": None,
+            "hardware": recorded.get("hardware"), "git_commit": recorded.get("git_commit"),
+            "reference_sha256": recorded.get("reference_sha256"), **columns}
+
+
 def setting_columns(run: RunConfig) -> dict:
     """The sampling recipe of an evaluation as leaderboard columns, for the training loop's rows and sweeps alike."""
     from dit.sample import sampler_name  # JAX: only writers call this, never the analysis that imports this file

@@ -4,13 +4,15 @@ The loop reads results back from the device only when it logs or saves, so steps
 accelerator. Randomness of step s comes from fold_in(run key, s): a resumed run draws the same
 timesteps, noise and label dropout as an uninterrupted one, and with the data iterator state saved
 in the checkpoint, it continues bit for bit.
+
+`build_training` compiles the step and places the initial state; `train` runs the loop on them. Neither
+knows about run directories beyond the files training makes (checkpoints, metrics.jsonl, summary.json):
+`dit.run.train_run` checks the directory, holds its lock and writes config.json.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import math
 import signal
 import time
 from dataclasses import dataclass
@@ -30,24 +32,19 @@ from dit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, to_dict
 from dit.distributed import wait_for_all_processes
 from dit.errors import UserError
 from dit.memory import DoesNotFit, StepMemory
-from dit.mesh import (BATCH_AXIS, batch_sharded, data_mesh, global_batch, local_batch_size, replicated,
+from dit.mesh import (BATCH_AXIS, batch_sharded, data_mesh, global_batch, replicated,
                       split_over_devices, to_host)
 from dit.model import DiT
 from dit.objectives import Objective
 from dit.repa import RepaProjector, repa_loss
-from dit.files import is_disk_full, write_json_atomic
-from dit.rundir import (CONFIG, METRICS, SUMMARY, RunLock, append_metrics, holds_run, read_json, read_metrics,
-                        record_resume_changes)
+from dit.files import write_json_atomic
+from dit.rundir import METRICS, SUMMARY, append_metrics, read_metrics
 
 FP16_INITIAL_SCALE = 2.0**15
 FP16_GROWTH_INTERVAL = 2000  # finite steps before the loss scale doubles
 
 
 class TrainingDiverged(UserError):
-    exit_code = 1
-
-
-class DiskFull(UserError):
     exit_code = 1
 
 
@@ -490,18 +487,6 @@ class _Log:
             self.tensorboard.flush()
 
 
-def _prepare_workdir(workdir: Path, resume: bool) -> None:
-    if resume:
-        if not (workdir / CONFIG).is_file() and not (workdir / "checkpoints").is_dir():
-            raise UserError(f"--resume: {workdir} holds no run (no config.json, no checkpoints) to resume; start "
-                            f"it without --resume.")
-    elif holds_run(workdir):
-        raise UserError(
-            f"the run directory {workdir} already exists and is not empty; pass --resume to continue that "
-            f"run, or choose another --workdir. Nothing was changed."
-        )
-
-
 def is_eval_step(run: RunConfig, step: int) -> bool:
     return step > 0 and (step % run.eval.every == 0 or step == run.train.steps)
 
@@ -559,65 +544,29 @@ def _restore(checkpoints: Checkpoints, state, workdir: Path, lead: bool):
     return restored, meta["data"]
 
 
-def train(run: RunConfig, workdir: Path, source: BatchSource, objective: Objective, *, resume: bool = False,
-          record: dict | None = None, progress: bool = True,
-          evaluate: Callable[[int, object], dict] | None = None, resume_changes: dict | None = None) -> dict:
-    """Trains run.model with run.train from `source`; returns the summary also written to summary.json.
+def train(run: RunConfig, workdir: Path, source: BatchSource, state: dict, compiled: CompiledStep, *,
+          resume: bool = False, progress: bool = True,
+          evaluate: Callable[[int, object], dict] | None = None,
+          on_resume: Callable[[int], None] | None = None) -> dict:
+    """Trains `state` with its compiled step (from `build_training`: the model's graph, the objective and the
+    optimizer are in the step) on `source` for run.train; returns the summary, also written to summary.json.
 
-    Only process 0 writes config.json, metrics.jsonl and summary.json, holding the run directory's lock;
-    every process takes part in checkpoint saves. SIGTERM saves a checkpoint and returns with
-    summary["preempted"] = True; `resume_changes` ({"train.lr": [old, new]}: what a resume may change) go
-    into config.json. `evaluate(step, ema_params) -> metrics` runs every `eval.every` steps and
-    at the last step (on every process); each evaluation is a line of its own in metrics.jsonl, after the
-    step's checkpoint, so an evaluation cut off by a crash is run again on resume. A finished run (its
-    summary.json) is never touched again: resuming it returns its summary.
+    It writes what training makes in `workdir`: checkpoints (every process takes part in the saves),
+    and on process 0 metrics.jsonl and summary.json; the run directory's config.json and lock belong to
+    the caller (`dit.run.train_run`). SIGTERM saves a checkpoint and returns with summary["preempted"] =
+    True. With `resume`, it continues from the newest intact checkpoint (calling `on_resume(step)`).
+    `evaluate(step, ema_params) -> metrics` runs every `eval.every` steps and at the last step (on every
+    process); each evaluation is a line of its own in metrics.jsonl, after the step's checkpoint, so an
+    evaluation cut off by a crash is run again on resume.
     """
     cfg = run.train
     workdir = Path(workdir)
     lead = jax.process_index() == 0
-    if resume and (finished := read_json(workdir / SUMMARY)) is not None:
-        if cfg.steps > finished["final_step"]:
-            raise UserError(f"--resume: {workdir} is complete at step {finished['final_step']}, and its summary and "
-                            f"evaluations are final; a finished run is not extended. Start a new run with "
-                            f"train.steps={cfg.steps}.")
-        return finished
-    _prepare_workdir(workdir, resume)
     mesh = data_mesh()
-    local_batch_size(cfg.batch_size)  # fails early if the batch does not split over the devices
-    # DoesNotFit: before anything is written
-    graphdef, state, compiled = build_training(run, objective, mesh, source.batch_format)
-    with contextlib.ExitStack() as held:
-        if lead:
-            held.enter_context(RunLock(workdir))
-            if not resume and (workdir / CONFIG).is_file():  # started by another run.py while this one compiled
-                raise UserError(f"the run directory {workdir} was started by another process a moment ago; pass "
-                                f"--resume to continue that run, or choose another --workdir.")
-        try:
-            return _train_locked(run, workdir, source, objective, resume, record, progress, evaluate, lead, mesh,
-                                 state, compiled, resume_changes or {})
-        except Exception as error:
-            if not is_disk_full(error):
-                raise
-            raise DiskFull(
-                f"the disk holding {workdir} is full ({error}). Every checkpoint that finished is intact; free some "
-                f"space (or lower train.keep_checkpoints), then resume with `python ablations/run.py --resume "
-                f"--workdir {workdir}`."
-            ) from None
-
-
-def _train_locked(run: RunConfig, workdir: Path, source: BatchSource, objective: Objective, resume: bool,
-                  record: dict | None, progress: bool, evaluate, lead: bool, mesh, state, compiled,
-                  resume_changes: dict) -> dict:
-    cfg = run.train
     train_step = compiled.step
     if lead and progress:
         print(f"training step compiled: grad_accum {compiled.grad_accum}, {compiled.memory.describe()}")
     checkpoints = Checkpoints(workdir / "checkpoints", cfg)
-    if lead and not (workdir / CONFIG).is_file():
-        model_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))  # this run's model
-        step_record = {"grad_accum": compiled.grad_accum, "memory_gb": compiled.memory.total / 1e9,
-                       "capacity_gb": None if compiled.memory.capacity is None else compiled.memory.capacity / 1e9}
-        write_json_atomic(workdir / CONFIG, {**to_dict(run), "model_params": model_params, "compiled_step": step_record, **(record or {})})
     last_saved = None
     if resume:
         state, data_state = _restore(checkpoints, state, workdir, lead)
@@ -626,8 +575,8 @@ def _train_locked(run: RunConfig, workdir: Path, source: BatchSource, objective:
     step = int(to_host(state["step"]))
     if step > 0:
         last_saved = step
-    if lead and resume:
-        record_resume_changes(workdir, resume_changes, step)
+    if resume and on_resume is not None:
+        on_resume(step)
     if cfg.jax_smi:
         _start_memory_tracking()
     writer = _tensorboard_writer(workdir) if cfg.tensorboard and lead else None

@@ -29,7 +29,7 @@ def main():
     from dit.batches import ArrayBatches
     from dit.errors import UserError
     from dit.objectives import make_objective
-    from dit.train import train
+    from dit.run import train_run
     from tests.test_train import run_config, toy_data
 
     # The state split over the devices (auto keeps it whole on CPUs): local checkpoints then gather it.
@@ -38,7 +38,7 @@ def main():
     source = ArrayBatches(x, y, run.train.batch_size, seed=0, process_index=jax.process_index(),
                           process_count=jax.process_count())
     try:
-        summary = train(run, Path(args.workdir), source, make_objective(run), resume=args.resume, progress=False)
+        summary = train_run(run, Path(args.workdir), source, make_objective(run), resume=args.resume, progress=False)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

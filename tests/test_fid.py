@@ -18,7 +18,7 @@ from dit.eval.reference import load_reference
 from dit.eval.ref_stats import reference_statistics
 from dit.eval.inception import load_inception
 from dit.objectives import make_objective
-from dit.train import train
+from dit.run import train_run
 from tests.fake_imagenet import make_class_folders
 from tests.helpers import write_random_inception
 
@@ -91,7 +91,7 @@ def trained(setup, tmp_path_factory):
                                  sample_dir=workdir / "samples")
     record = {"run_id": "tiny-run", "budget_params": 32_519_456, "gflops": 6.06, "dataset": "images",
               "resolution": RES, "metric": "fid"}
-    summary = train(run, workdir, CacheBatches(root / "cache", 8, seed=0), make_objective(run), progress=False,
+    summary = train_run(run, workdir, CacheBatches(root / "cache", 8, seed=0), make_objective(run), progress=False,
                     evaluate=evaluator, record=record)
     from dit.rundir import read_metrics
     return workdir, read_metrics(workdir), summary

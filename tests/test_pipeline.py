@@ -153,7 +153,7 @@ def test_training_from_the_cache_resumes_bitwise_after_a_crash(tmp_path):
     """The iterator state travels in the checkpoint: a resumed run reads the same batches as a straight one."""
     from dit.config import ModelConfig, RunConfig, TrainConfig
     from dit.objectives import make_objective
-    from dit.train import train
+    from dit.run import train_run
 
     shape = (8, 8, 4)
     rng = np.random.default_rng(0)
@@ -171,11 +171,11 @@ def test_training_from_the_cache_resumes_bitwise_after_a_crash(tmp_path):
                 raise KeyboardInterrupt
             return super().next()
 
-    straight = train(run, tmp_path / "a", CacheBatches(tmp_path / "cache", 8, seed=0), make_objective(run),
+    straight = train_run(run, tmp_path / "a", CacheBatches(tmp_path / "cache", 8, seed=0), make_objective(run),
                      progress=False)
     with pytest.raises(KeyboardInterrupt):
-        train(run, tmp_path / "b", Crashing(tmp_path / "cache", 8, seed=0), make_objective(run), progress=False)
-    resumed = train(run, tmp_path / "b", CacheBatches(tmp_path / "cache", 8, seed=0), make_objective(run),
+        train_run(run, tmp_path / "b", Crashing(tmp_path / "cache", 8, seed=0), make_objective(run), progress=False)
+    resumed = train_run(run, tmp_path / "b", CacheBatches(tmp_path / "cache", 8, seed=0), make_objective(run),
                     resume=True, progress=False)
     assert resumed["params_sha256"] == straight["params_sha256"]
 

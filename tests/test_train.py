@@ -17,8 +17,8 @@ from dit.mesh import data_mesh, global_batch
 from dit.objectives import make_objective
 from dit.mesh import to_host
 from dit.rundir import read_metrics
-from dit.eval.fid import restore_ema
-from dit.train import TrainingDiverged, build_training, create_optimizer, params_sha256, train
+from dit.run import restore_ema, train_run
+from dit.train import TrainingDiverged, build_training, create_optimizer, params_sha256
 
 MODEL = ModelConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=4)
 
@@ -65,7 +65,7 @@ def source(**kwargs):
 def test_writes_run_files_and_loss_falls(tmp_path, objective):
     run = run_config(steps=150, objective=objective, lr=1e-3)
     run = dataclasses.replace(run, train=dataclasses.replace(run.train, log_every=50, ckpt_every=150))
-    summary = train(run, tmp_path / "run", source(), make_objective(run), progress=False)
+    summary = train_run(run, tmp_path / "run", source(), make_objective(run), progress=False)
     assert summary["final_step"] == 150 and len(summary["params_sha256"]) == 64
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [50, 100, 150]
@@ -80,10 +80,10 @@ def test_crash_and_resume_is_bitwise_identical(tmp_path):
     # The state split over the eight devices (auto keeps it whole on CPUs): checkpoints are saved and
     # restored split, and an evaluation restores the EMA whole.
     run = run_config(steps=8, split_state=True)
-    straight = train(run, tmp_path / "a", source(), make_objective(run), progress=False)
+    straight = train_run(run, tmp_path / "a", source(), make_objective(run), progress=False)
     with pytest.raises(Interrupt):
-        train(run, tmp_path / "b", source(crash_at=7), make_objective(run), progress=False)
-    resumed = train(run, tmp_path / "b", source(), make_objective(run), resume=True, progress=False)
+        train_run(run, tmp_path / "b", source(crash_at=7), make_objective(run), progress=False)
+    resumed = train_run(run, tmp_path / "b", source(), make_objective(run), resume=True, progress=False)
     assert resumed["final_step"] == 8
     assert resumed["params_sha256"] == straight["params_sha256"]
     step, _, ema = restore_ema(tmp_path / "b", run, None)
@@ -93,45 +93,45 @@ def test_crash_and_resume_is_bitwise_identical(tmp_path):
 
 def test_sigterm_saves_and_exits_then_resumes_identically(tmp_path):
     run = run_config(steps=8)
-    straight = train(run, tmp_path / "a", source(), make_objective(run), progress=False)
-    stopped = train(run, tmp_path / "b", source(sigterm_at=3), make_objective(run), progress=False)
+    straight = train_run(run, tmp_path / "a", source(), make_objective(run), progress=False)
+    stopped = train_run(run, tmp_path / "b", source(sigterm_at=3), make_objective(run), progress=False)
     # Batches are read ahead in a thread, so the signal comes while step 1, 2 or 3 runs.
     assert stopped["preempted"] and 1 <= stopped["final_step"] <= 3
     assert (tmp_path / "b" / "checkpoints" / str(stopped["final_step"])).is_dir()
     assert not (tmp_path / "b" / "summary.json").exists()
-    resumed = train(run, tmp_path / "b", source(), make_objective(run), resume=True, progress=False)
+    resumed = train_run(run, tmp_path / "b", source(), make_objective(run), resume=True, progress=False)
     assert resumed["params_sha256"] == straight["params_sha256"]
 
 
 def test_existing_run_directory_is_never_reused(tmp_path):
     run = run_config(steps=2)
-    train(run, tmp_path / "run", source(), make_objective(run), progress=False)
+    train_run(run, tmp_path / "run", source(), make_objective(run), progress=False)
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
     with pytest.raises(UserError, match="already exists"):
-        train(run, tmp_path / "run", source(), make_objective(run), progress=False)
+        train_run(run, tmp_path / "run", source(), make_objective(run), progress=False)
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
     with pytest.raises(UserError, match="no checkpoints"):
-        train(run, tmp_path / "other", source(), make_objective(run), resume=True, progress=False)
+        train_run(run, tmp_path / "other", source(), make_objective(run), resume=True, progress=False)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     run = run_config(steps=8)
     x, y = toy_data()
     x[:] = np.nan  # every batch poisons the loss from step 1 on ...
-    good = train(run, tmp_path / "ok", source(), make_objective(run), progress=False)
+    good = train_run(run, tmp_path / "ok", source(), make_objective(run), progress=False)
     assert good["final_step"] == 8
     with pytest.raises(TrainingDiverged, match="NaN or Inf at step 1"):
-        train(run, tmp_path / "bad", Source(x, y, 8, seed=0), make_objective(run), progress=False)
+        train_run(run, tmp_path / "bad", Source(x, y, 8, seed=0), make_objective(run), progress=False)
     assert not (tmp_path / "bad" / "checkpoints" / "4").exists()
 
 
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_path):
     run = run_config(steps=8)
-    straight = train(run, tmp_path / "a", source(), make_objective(run), progress=False)
+    straight = train_run(run, tmp_path / "a", source(), make_objective(run), progress=False)
     with pytest.raises(Interrupt):
-        train(run, tmp_path / "b", source(crash_at=3), make_objective(run), progress=False)
+        train_run(run, tmp_path / "b", source(crash_at=3), make_objective(run), progress=False)
     assert (tmp_path / "b" / "config.json").is_file() and not any((tmp_path / "b" / "checkpoints").iterdir())
-    resumed = train(run, tmp_path / "b", source(), make_objective(run), resume=True, progress=False)
+    resumed = train_run(run, tmp_path / "b", source(), make_objective(run), resume=True, progress=False)
     assert resumed["final_step"] == 8 and resumed["params_sha256"] == straight["params_sha256"]
 
 
@@ -142,9 +142,9 @@ def test_a_diverged_run_resumes_with_clipping_turned_on(tmp_path):
     x, y = toy_data()
     x[:] = np.nan
     with pytest.raises(TrainingDiverged, match="--set train.lr=LOWER --set train.grad_clip=1.0"):
-        train(run, tmp_path / "run", Source(x, y, 8, seed=0), make_objective(run), progress=False)
+        train_run(run, tmp_path / "run", Source(x, y, 8, seed=0), make_objective(run), progress=False)
     clipped = dataclasses.replace(run, train=dataclasses.replace(run.train, grad_clip=1.0))
-    resumed = train(clipped, tmp_path / "run", source(), make_objective(clipped), resume=True, progress=False,
+    resumed = train_run(clipped, tmp_path / "run", source(), make_objective(clipped), resume=True, progress=False,
                     resume_changes={"train.grad_clip": [0.0, 1.0]})
     assert resumed["final_step"] == 4
     config = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -154,15 +154,15 @@ def test_a_diverged_run_resumes_with_clipping_turned_on(tmp_path):
 
 def test_a_damaged_newest_checkpoint_is_skipped_kept_aside_and_the_run_resumes_exactly(tmp_path, capsys):
     run = dataclasses.replace(run_config(steps=8), train=dataclasses.replace(run_config().train, ckpt_every=2))
-    straight = train(run, tmp_path / "a", source(), make_objective(run), progress=False)
+    straight = train_run(run, tmp_path / "a", source(), make_objective(run), progress=False)
     with pytest.raises(Interrupt):
-        train(run, tmp_path / "b", source(crash_at=8), make_objective(run), progress=False)
+        train_run(run, tmp_path / "b", source(crash_at=8), make_objective(run), progress=False)
     newest = tmp_path / "b" / "checkpoints" / "6"
     data = max((p for p in newest.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
     flipped = bytearray(data.read_bytes())
     flipped[len(flipped) // 2] ^= 0x01  # one flipped bit: it would load silently without the seal
     data.write_bytes(bytes(flipped))
-    resumed = train(run, tmp_path / "b", source(), make_objective(run), resume=True, progress=False)
+    resumed = train_run(run, tmp_path / "b", source(), make_objective(run), resume=True, progress=False)
     assert resumed["params_sha256"] == straight["params_sha256"]  # exact, from step 4
     assert "checkpoint step 6 is damaged" in capsys.readouterr().out
     assert [p.name.split("-")[0] for p in (tmp_path / "b" / "damaged_checkpoints").iterdir()] == ["6"]
@@ -185,7 +185,7 @@ def test_a_second_writer_of_a_run_directory_is_refused(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(UserError, match="another process .* is writing the run directory"):
-            train(run, tmp_path / "run", source(), make_objective(run), progress=False)
+            train_run(run, tmp_path / "run", source(), make_objective(run), progress=False)
         assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]
     finally:
         holder.kill()
@@ -204,7 +204,7 @@ def test_a_full_disk_is_one_clear_error(tmp_path):
     x, y = toy_data()
     run = run_config(steps=8)
     with pytest.raises(UserError, match="the disk holding .* is full .* --resume --workdir"):
-        train(run, tmp_path / "run", FullDisk(x, y, 8, seed=0), make_objective(run), progress=False)
+        train_run(run, tmp_path / "run", FullDisk(x, y, 8, seed=0), make_objective(run), progress=False)
 
 
 def test_an_evaluation_cut_off_is_run_again_on_resume(tmp_path):
@@ -218,15 +218,15 @@ def test_an_evaluation_cut_off_is_run_again_on_resume(tmp_path):
         return {"score": float(step)}
 
     with pytest.raises(Interrupt):
-        train(run, tmp_path / "run", source(), make_objective(run), progress=False, evaluate=evaluate)
-    summary = train(run, tmp_path / "run", source(), make_objective(run), resume=True, progress=False,
+        train_run(run, tmp_path / "run", source(), make_objective(run), progress=False, evaluate=evaluate)
+    summary = train_run(run, tmp_path / "run", source(), make_objective(run), resume=True, progress=False,
                     evaluate=evaluate)
     assert calls == [4, 4, 8]  # step 4 redone from its checkpoint, before training goes on
     evaluated = [r["step"] for r in read_metrics(tmp_path / "run") if r.get("evaluated")]
     assert evaluated == [4, 8] and summary["last_metrics"]["score"] == 8.0 and "loss" in summary["last_metrics"]
     # Resuming the finished run returns its summary and writes nothing.
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
-    again = train(run, tmp_path / "run", source(), make_objective(run), resume=True, progress=False, evaluate=evaluate)
+    again = train_run(run, tmp_path / "run", source(), make_objective(run), resume=True, progress=False, evaluate=evaluate)
     assert again == json.loads((tmp_path / "run" / "summary.json").read_text()) and calls == [4, 4, 8]
     assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
 
@@ -282,7 +282,7 @@ def test_float16_dynamic_loss_scale_skips_overflowing_steps():
 def test_batch_that_does_not_split_over_devices_is_a_clear_error(tmp_path):
     run = RunConfig(model=MODEL, train=TrainConfig(steps=2, batch_size=12))  # 8 devices
     with pytest.raises(UserError, match="multiple of 8"):
-        train(run, tmp_path / "run", source(), make_objective(run), progress=False)
+        train_run(run, tmp_path / "run", source(), make_objective(run), progress=False)
     assert not (tmp_path / "run").exists()
 
 
@@ -304,7 +304,7 @@ def read_scalars(directory):
 def test_tensorboard_events_hold_the_logged_metrics(tmp_path):
     pytest.importorskip("tensorboardX")
     run = run_config(steps=4, tensorboard=True)
-    train(run, tmp_path / "run", source(), make_objective(run), progress=False)
+    train_run(run, tmp_path / "run", source(), make_objective(run), progress=False)
     records = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     scalars = read_scalars(tmp_path / "run" / "tensorboard")
     assert [s for s, _ in scalars["train/loss"]] == [r["step"] for r in records] == [2, 4]
@@ -355,11 +355,11 @@ def test_gradient_accumulation_gives_the_update_of_the_full_batch():
 def test_accumulated_run_resumes_exactly_and_matches_the_unaccumulated_run(tmp_path):
     plain = run_config(steps=8)
     accumulated = run_config(steps=8, grad_accum=2)
-    straight = train(plain, tmp_path / "a", source(), make_objective(plain), progress=False)
+    straight = train_run(plain, tmp_path / "a", source(), make_objective(plain), progress=False)
     with pytest.raises(Interrupt):
-        train(accumulated, tmp_path / "b", source(crash_at=7), make_objective(accumulated), progress=False)
-    resumed = train(accumulated, tmp_path / "b", source(), make_objective(accumulated), resume=True, progress=False)
-    again = train(accumulated, tmp_path / "c", source(), make_objective(accumulated), progress=False)
+        train_run(accumulated, tmp_path / "b", source(crash_at=7), make_objective(accumulated), progress=False)
+    resumed = train_run(accumulated, tmp_path / "b", source(), make_objective(accumulated), resume=True, progress=False)
+    again = train_run(accumulated, tmp_path / "c", source(), make_objective(accumulated), progress=False)
     assert resumed["params_sha256"] == again["params_sha256"]
     config = json.loads((tmp_path / "b" / "config.json").read_text())
     assert config["train"]["grad_accum"] == 2 and config["compiled_step"]["grad_accum"] == 2
@@ -410,13 +410,13 @@ def repa_run(steps=8, **train):
 def test_repa_trains_its_projector_resumes_exactly_and_accumulates_as_the_full_batch(tmp_path):
     run, accumulated = repa_run(), repa_run(grad_accum=2)
     x, y = toy_data()
-    straight = train(run, tmp_path / "a", RepaSource(x, y, 8, seed=0), make_objective(run), progress=False)
+    straight = train_run(run, tmp_path / "a", RepaSource(x, y, 8, seed=0), make_objective(run), progress=False)
     with pytest.raises(Interrupt):
-        train(run, tmp_path / "b", RepaSource(x, y, 8, seed=0, crash_at=7), make_objective(run), progress=False)
-    resumed = train(run, tmp_path / "b", RepaSource(x, y, 8, seed=0), make_objective(run), resume=True,
+        train_run(run, tmp_path / "b", RepaSource(x, y, 8, seed=0, crash_at=7), make_objective(run), progress=False)
+    resumed = train_run(run, tmp_path / "b", RepaSource(x, y, 8, seed=0), make_objective(run), resume=True,
                     progress=False)
     assert resumed["params_sha256"] == straight["params_sha256"]  # the projector and its optimizer state resumed
-    train(accumulated, tmp_path / "c", RepaSource(x, y, 8, seed=0), make_objective(accumulated), progress=False)
+    train_run(accumulated, tmp_path / "c", RepaSource(x, y, 8, seed=0), make_objective(accumulated), progress=False)
     metrics = {name: [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
                for name in ("a", "c")}
     assert all(-1 <= m["repa_loss"] <= 1 for m in metrics["a"])
@@ -437,7 +437,7 @@ def test_repa_alignment_loss_falls():
     x, y = toy_data()
     import tempfile
     with tempfile.TemporaryDirectory() as workdir:
-        train(run, Path(workdir) / "run", RepaSource(x, y, 8, seed=0), make_objective(run), progress=False)
+        train_run(run, Path(workdir) / "run", RepaSource(x, y, 8, seed=0), make_objective(run), progress=False)
         records = [json.loads(l) for l in (Path(workdir) / "run" / "metrics.jsonl").read_text().splitlines()]
     # Towards -1 (the targets are per class): measured -0.13 at step 50, -0.27 at step 150.
     assert records[-1]["repa_loss"] < records[0]["repa_loss"] - 0.08

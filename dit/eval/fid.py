@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
-from flax import nnx
 
 from dit.config import SAMPLERS, RunConfig
 from dit.errors import UserError, report
@@ -36,7 +35,7 @@ from dit.eval.inception import FEATURES
 from dit.eval.metrics import frechet_distance
 from dit.files import write_json_atomic
 from dit.leaderboard import (DEFAULT_PATH, FLOAT_COLUMNS, INT_COLUMNS, append_rows, git_commit, read_rows,
-                             setting_columns, utc_now)
+                             run_row, utc_now)
 from dit.rundir import read_json
 
 if TYPE_CHECKING:
@@ -87,53 +86,12 @@ def read_run(run_dir: Path, overrides: list[str] = ()) -> tuple[RunConfig, dict]
     return apply_overrides(from_dict(saved), list(overrides)), saved
 
 
-def checkpoint_steps(run_dir: Path, run: RunConfig, step: int | None) -> list[int]:
-    """The run's finished checkpoint steps; UserError when there are none, or none at `step`."""
-    from dit.checkpoint import Checkpoints
-    checkpoints = Checkpoints(run_dir / "checkpoints", run.train)
-    steps = sorted(checkpoints.manager.all_steps())
-    checkpoints.close()
-    if not steps:
-        raise UserError(f"{run_dir} holds no finished checkpoint to evaluate.")
-    if step is not None and step not in steps:
-        raise UserError(f"{run_dir} has no checkpoint at step {step}; it has {', '.join(map(str, steps))}.")
-    return steps
-
-
-def restore_ema(run_dir: Path, run: RunConfig, step: int | None) -> tuple[int, object, object]:
-    """(step, graphdef, EMA parameters) of the checkpoint at `step` (default the newest intact one)."""
-    from dit.checkpoint import Checkpoints
-    from dit.mesh import data_mesh, replicated
-    from dit.model import DiT
-    from dit.train import create_optimizer, init_state
-
-    checkpoint_steps(run_dir, run, step)
-    checkpoints = Checkpoints(run_dir / "checkpoints", run.train)
-    optimizer, _ = create_optimizer(run.train)
-    abstract = jax.eval_shape(lambda: init_state(run.model, run.train, optimizer)[1])  # shapes only
-    graphdef = nnx.split(nnx.eval_shape(lambda: DiT(run.model, rngs=nnx.Rngs(0))))[0]
-    sharding = replicated(data_mesh())
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
-    # The training resume's restore: checked against the seal, newer damaged checkpoints skipped (left in place).
-    found, state, _, skipped = checkpoints.restore_newest_intact(abstract, newest=step)
-    checkpoints.close()
-    if found is None:
-        raise UserError(f"no intact checkpoint of {run_dir} to evaluate: " +
-                        "; ".join(f"step {s}: {problem}" for s, problem in skipped) + ".")
-    if step is not None and found != step:
-        raise UserError(f"the checkpoint at step {step} of {run_dir} is damaged ({skipped[0][1]}); evaluate another "
-                        f"--step (the newest intact one before it is {found}).")
-    for bad, problem in skipped:
-        print(f"warning: checkpoint step {bad} is damaged ({problem}); evaluating step {found} instead",
-              file=sys.stderr)
-    return found, graphdef, state["ema"]
-
-
 def sample_run(run_dir: Path, step: int | None, overrides: list[str], num_samples: int | None, seed: int | None,
                progress: bool = True) -> tuple[Samples, dict]:
     """Samples from a run's checkpoint with its EMA parameters; returns this process's share of the samples
     and the settings used."""
     from dit.data.source import training_data
+    from dit.run import restore_ema
     from dit.sample import generate_shares, sampler_name
 
     run, _ = read_run(run_dir, overrides)
@@ -242,6 +200,7 @@ def sweep(args: argparse.Namespace) -> None:
     """Evaluates a run's checkpoint at every combination of the listed settings; one leaderboard row each."""
     from dit.data.source import training_data
     from dit.eval.evaluator import build_evaluator
+    from dit.run import checkpoint_steps, restore_ema
 
     refused = [flag for flag, given in (("--out", args.out), ("--save-samples", args.save_samples),
                                         ("--set", args.overrides)) if given]
@@ -263,16 +222,14 @@ def sweep(args: argparse.Namespace) -> None:
     seed = run.train.seed if args.seed is None else args.seed
     lead = jax.process_index() == 0
     num_samples = args.num_samples or run.eval.num_samples
-    hardware = f"{jax.device_count()}x {jax.devices()[0].device_kind}"
-    common = {"run_id": saved.get("run_id") or args.run.name, "variant": run.variant,
-              "params": saved.get("budget_params"), "gflops": saved.get("gflops"), "preset": run.preset,
-              "dataset": data.dataset, "resolution": data.resolution, "step": step,
-              "batch_size": run.train.batch_size, "metric": evaluator.name, "num_samples": num_samples, "seed": seed,
-              "img_per_s": None, "hardware": hardware, "git_commit": git_commit(), "source": "sweep",
-              "reference_sha256": evaluator.reference.sha256}
+    # The run's record, but this sweep's data reading, machine, commit and reference.
+    recorded = {**saved, "run_id": saved.get("run_id") or args.run.name, "dataset": data.dataset,
+                "resolution": data.resolution, "hardware": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
+                "git_commit": git_commit(), "reference_sha256": evaluator.reference.sha256}
     added = 0
     for setting in settings:
-        row = {**common, **setting_columns(setting)}
+        row = run_row(setting, recorded, step=step, metric=evaluator.name, num_samples=num_samples, seed=seed,
+                      source="sweep")
         described = (f"step {step}, {row['sampler']} {row['sampling_steps']} steps, cfg {row['cfg_scale']:g}, "
                      f"interval {row['guidance_low']:g}-{row['guidance_high']:g}, guided channels "
                      f"{row['guided_channels'] or 'all'}")
