@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file
 
-from dit.errors import UserError, key_mismatch
+from dit.errors import UserError, check_weights
 from dit.layers import layer_norm, linear, patchify
 
 HUB_FILENAME = "model.safetensors"
@@ -310,20 +310,10 @@ def infer_config(shapes: Mapping[str, tuple], num_heads: int | None = None, **ov
 
 def check_state_dict(sd: Mapping[str, np.ndarray], cfg: Dinov2Config, source: str | None = None) -> None:
     """Every key of a Dinov2Model present with its shape, and no other."""
-    expected = hf_key_shapes(cfg)
     where = f" in {source}" if source else ""
-    problems = key_mismatch(expected, sd)
-    if problems:
-        raise Dinov2Error(
-            f"the DINOv2 weights{where} are not a plain Dinov2Model (no registers, GELU MLP): {problems}. "
-            f"Give facebook/dinov2-base's {HUB_FILENAME} ({HUB_URL})."
-        )
-    for key, shape in expected.items():
-        if tuple(sd[key].shape) != shape:
-            raise Dinov2Error(
-                f"DINOv2 weight {key}{where} has shape {tuple(sd[key].shape)}, expected {shape} from the model its "
-                f"other weights describe; the file is damaged or mixes models. Give facebook/dinov2-base's {HUB_FILENAME}."
-            )
+    check_weights(hf_key_shapes(cfg), sd, Dinov2Error,
+                  f"the DINOv2 weights{where} are not a plain Dinov2Model (no registers, GELU MLP)",
+                  f"Give facebook/dinov2-base's {HUB_FILENAME} ({HUB_URL}).")
 
 
 def model_from_state_dict(sd: Mapping[str, np.ndarray], cfg: Dinov2Config, source: str | None = None) -> Dinov2:

@@ -30,3 +30,15 @@ def key_mismatch(expected, given) -> str:
     problems = [f"{len(keys)} keys are {what}, such as {', '.join(keys[:5])}"
                 for keys, what in ((missing, "missing"), (unexpected, "unexpected")) if keys]
     return "; ".join(problems)
+
+
+def check_weights(expected: dict, given, error: type[UserError], not_what: str, fix: str) -> None:
+    """Raises `error` unless `given` (a state dict) holds every key of `expected` ({key: shape}) with its
+    shape and no other: "{not_what}: <the missing and unexpected keys, or the first of a wrong shape>. {fix}"."""
+    problems = key_mismatch(expected, given)
+    if not problems:
+        wrong = next((key for key, shape in expected.items() if tuple(given[key].shape) != shape), None)
+        if wrong is not None:
+            problems = f"{wrong} in the file has shape {tuple(given[wrong].shape)}, expected {expected[wrong]}"
+    if problems:
+        raise error(f"{not_what}: {problems}. {fix}")

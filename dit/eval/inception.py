@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dit.errors import UserError, key_mismatch
+from dit.errors import UserError, check_weights
 from dit.files import sha256_of
 from dit.mesh import batch_sharded, data_mesh, replicated
 
@@ -413,21 +413,9 @@ def check_state_dict(sd: Mapping[str, np.ndarray], source: str | None = None) ->
     expected = torch_key_shapes()
     given = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
     where = f" in {source}" if source else ""
-    problems = key_mismatch(expected, given)
-    if problems:
-        raise InceptionError(
-            f"the Inception weights{where} are not pytorch-fid's FID Inception: {problems}. Give "
-            f"{FID_WEIGHTS_NAME} (from {FID_WEIGHTS_URL}) or its converted .safetensors copy."
-        )
-    checked = {}
-    for key, shape in expected.items():
-        checked[key] = np.asarray(given[key], np.float32)
-        if checked[key].shape != shape:
-            raise InceptionError(
-                f"Inception weight {key}{where} has shape {checked[key].shape}, expected {shape}; the file is "
-                f"not pytorch-fid's FID Inception."
-            )
-    return checked
+    check_weights(expected, given, InceptionError, f"the Inception weights{where} are not pytorch-fid's FID Inception",
+                  f"Give {FID_WEIGHTS_NAME} (from {FID_WEIGHTS_URL}) or its converted .safetensors copy.")
+    return {key: np.asarray(given[key], np.float32) for key in expected}
 
 
 def inception_from_state_dict(sd: Mapping[str, np.ndarray], dtype: str = "float32", source: str | None = None,
