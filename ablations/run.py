@@ -93,13 +93,8 @@ def choose_workdir(args, config: RunConfig) -> Path:
 
 def _shared_run_id() -> str:
     """Six hex digits, drawn by process 0 and shared, so every process names the same directory."""
-    import jax
-    number = uuid.uuid4().int % 16**6
-    if jax.process_count() > 1:
-        import numpy as np
-        from jax.experimental import multihost_utils
-        number = int(multihost_utils.broadcast_one_to_all(np.int32(number)))
-    return f"{number:06x}"
+    from dit.distributed import from_process_zero
+    return f"{from_process_zero(uuid.uuid4().int % 16**6):06x}"
 
 
 # What a resume may change: more steps, and the recovery from a diverged run that the NaN message advises.

@@ -43,3 +43,13 @@ def wait_for_all_processes(name: str, timeout_s: int = 3600) -> None:
     if jax.process_count() > 1:
         from orbax.checkpoint import multihost
         multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
+
+
+def from_process_zero(value: int) -> int:
+    """Process 0's `value` on every process (a collective when there are several): where process 0 decides
+    (it reads files the others may see differently, or draws a number) and all must act alike."""
+    if jax.process_count() == 1:
+        return int(value)
+    import numpy as np
+    from jax.experimental import multihost_utils
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from dit.batches import Batch, BatchFormat, BatchSource, Prefetch, latents_from_batch
 from dit.checkpoint import Checkpoints
 from dit.config import DataConfig, ModelConfig, RunConfig, TrainConfig, to_dict
-from dit.distributed import wait_for_all_processes
+from dit.distributed import from_process_zero, wait_for_all_processes
 from dit.errors import UserError
 from dit.memory import DoesNotFit, StepMemory
 from dit.mesh import (BATCH_AXIS, batch_sharded, data_mesh, global_batch, replicated,
@@ -496,10 +496,7 @@ def _pending_evaluation(run: RunConfig, workdir: Path, step: int, lead: bool) ->
     the step's checkpoint is saved before its evaluation). Process 0 reads the file and tells the rest."""
     pending = lead and is_eval_step(run, step) and not any(
         r["step"] == step and r.get("evaluated") for r in read_metrics(workdir / METRICS))
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        pending = bool(multihost_utils.broadcast_one_to_all(np.int32(pending)))
-    return pending
+    return bool(from_process_zero(pending))
 
 
 def _agreed_resume_step(latest: int | None, workdir: Path) -> int:

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from dit.config import SAMPLERS, RunConfig
+from dit.distributed import from_process_zero
 from dit.errors import UserError, report
 from dit.eval.evaluator import check_count, evaluate_images
 from dit.eval.inception import FEATURES
@@ -187,15 +188,6 @@ def evaluation_key(row: dict) -> tuple:
     return tuple(_typed(column, row[column]) for column in SAME_EVALUATION)
 
 
-def _agreed(flag: bool) -> bool:
-    """Process 0's decision, on every process (whose copies of the leaderboard may differ): each setting is
-    sampled by all of them or by none."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-    return bool(multihost_utils.broadcast_one_to_all(np.array(flag)))
-
-
 def sweep(args: argparse.Namespace) -> None:
     """Evaluates a run's checkpoint at every combination of the listed settings; one leaderboard row each."""
     from dit.data.source import training_data
@@ -233,7 +225,7 @@ def sweep(args: argparse.Namespace) -> None:
         described = (f"step {step}, {row['sampler']} {row['sampling_steps']} steps, cfg {row['cfg_scale']:g}, "
                      f"interval {row['guidance_low']:g}-{row['guidance_high']:g}, guided channels "
                      f"{row['guided_channels'] or 'all'}")
-        if _agreed(evaluation_key(row) in held):
+        if from_process_zero(evaluation_key(row) in held):  # each setting sampled by all processes or none
             if lead:
                 print(f"{described}: already in {leaderboard}, skipped")
             continue
