@@ -53,6 +53,8 @@ def test_every_field_is_settable():
     ("train.cosine_loss=1", "train.cosine_loss=1.0 is a term of the flow objective's velocity loss"),
     ("eval.timestep_shift=0.3", "eval.timestep_shift=0.3 shifts the time grid of the flow ODE samplers"),
     ("eval.timestep_shift=-1", "eval.timestep_shift=-1.0 must be a finite number >= 0"),
+    ("data.builtin=mnist", "data.builtin='mnist': the built-in dataset is 'digits'"),
+    ("data.builtin=digits", "data.builtin=digits needs data.cache"),
 ])
 def test_bad_overrides_fail_with_a_clear_message(assignment, message):
     with pytest.raises(ConfigError, match=message):

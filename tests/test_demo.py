@@ -1,9 +1,11 @@
 """The built-in demo dataset: the digits through the real reader and cache code, in pixel space."""
 
 import numpy as np
+import pytest
 
 from dit.data.cache import LatentCache
-from dit.data.demo import DEMO_RESOLUTION, demo_cache
+from dit.data.demo import DEMO_RESOLUTION, demo_cache, digits_cache
+from dit.errors import UserError
 from dit.data.images import find_images
 from dit.data.pipeline import CacheBatches
 
@@ -25,3 +27,12 @@ def test_the_digits_become_a_pixel_cache_once(tmp_path):
 
     batch = CacheBatches(path, global_batch=32, seed=0, process_index=0, process_count=1).next()
     assert batch.mean.shape == (32, 2, DEMO_RESOLUTION, DEMO_RESOLUTION, 3) and set(batch.label) <= set(range(10))
+
+
+def test_the_digits_are_never_built_over_other_files(tmp_path):
+    mine = tmp_path / "mine" / "cache"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("the user's")
+    with pytest.raises(UserError, match="holds other files and no cache manifest"):
+        digits_cache(mine, 8, progress=False)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and not (tmp_path / "mine" / "images").exists()
