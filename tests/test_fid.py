@@ -142,6 +142,13 @@ def test_fid_during_training_then_from_the_run_directory(setup, trained, single,
     assert (damaged / "checkpoints" / "4").is_dir()  # evaluation never moves or deletes checkpoints
 
 
+def test_the_count_of_a_run_evaluation_leaves_out_the_padding(trained, tmp_path):
+    # 6 samples in batches of 8: the last batch is padded to 8 rows, and the padding is neither scored nor counted.
+    out = tmp_path / "six.json"
+    assert main(["--run", str(trained[0]), "--num-samples", "6", "--out", str(out), "--batch", "8"]) == 0
+    assert json.loads(out.read_text())["num_samples"] == 6
+
+
 def test_a_sweep_writes_a_row_per_setting_and_a_killed_one_continues(setup, trained, single, tmp_path, capsys):
     from dit.leaderboard import read_rows
     from dit.files import sha256_of
