@@ -142,13 +142,6 @@ def test_fid_during_training_then_from_the_run_directory(setup, trained, single,
     assert (damaged / "checkpoints" / "4").is_dir()  # evaluation never moves or deletes checkpoints
 
 
-def test_the_count_of_a_run_evaluation_leaves_out_the_padding(trained, tmp_path):
-    # 6 samples in batches of 8: the last batch is padded to 8 rows, and the padding is neither scored nor counted.
-    out = tmp_path / "six.json"
-    assert main(["--run", str(trained[0]), "--num-samples", "6", "--out", str(out), "--batch", "8"]) == 0
-    assert json.loads(out.read_text())["num_samples"] == 6
-
-
 def test_a_sweep_writes_a_row_per_setting_and_a_killed_one_continues(setup, trained, single, tmp_path, capsys):
     from dit.leaderboard import read_rows
     from dit.files import sha256_of
@@ -268,6 +261,19 @@ def test_fewer_than_two_samples_after_the_gather_is_a_clear_error(weights_and_re
     reference = load_reference(weights_and_reference[1])
     with pytest.raises(UserError, match="the samples to evaluate: 1 sample image, but FID needs at least 2"):
         evaluate_images(np.zeros((1, 8, 8, 3), np.uint8), NoNetwork(), reference, gather=lambda a: a)
+
+
+def test_the_count_leaves_out_the_padding_the_gather_drops(weights_and_reference):
+    # A run's samples come in whole batches: 6 samples in batches of 8 leave 2 padding rows, which the gather
+    # drops; they are neither scored nor counted.
+    class RowNumbers:  # distinct features per row, so the statistics are defined
+        def features_and_logits(self, images, batch_size):
+            rows = np.arange(len(images), dtype=np.float32)[:, None]
+            return np.repeat(rows, 2048, axis=1), np.zeros((len(images), 1008), np.float32)
+
+    reference = load_reference(weights_and_reference[1])
+    result = evaluate_images(np.zeros((8, 8, 8, 3), np.uint8), RowNumbers(), reference, gather=lambda a: a[:6])
+    assert result["num_samples"] == 6
 
 
 def test_a_reference_of_the_wrong_shape_is_a_clear_error(weights_and_reference, tmp_path, capsys):
