@@ -18,7 +18,8 @@ from typing import Callable
 from dit.config import RunConfig
 
 DEMO_ROOT = "data/digits"  # relative to the working directory, like runs/
-DIGITS = dict(builtin="digits", cache=f"{DEMO_ROOT}/cache-8", resolution=8)
+DIGITS_RESOLUTION = 8  # the digits as they are: 8x8 pixels
+DIGITS = dict(builtin="digits", cache=f"{DEMO_ROOT}/cache-{DIGITS_RESOLUTION}", resolution=DIGITS_RESOLUTION)
 
 
 def _shrink(config: RunConfig, *, model: dict, train: dict, eval: dict, data: dict | None = None) -> RunConfig:

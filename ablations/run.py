@@ -18,11 +18,18 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project importable without an install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import jax
+
 from ablations.presets import PRESETS, prepare_data
 from dit.config import RunConfig, apply_overrides, from_dict, to_dict
 from dit.counting import count_params
+from dit.data.source import training_data
+from dit.distributed import from_process_zero, initialize
 from dit.errors import UserError, report
+from dit.eval.evaluator import build_evaluator
 from dit.leaderboard import git_commit, utc_now
+from dit.objectives import make_objective
+from dit.run import record_results, train_run
 from dit.rundir import CONFIG, SUMMARY, holds_run, read_json
 from variants import BUDGET, REGISTERED, check_budget, measure, resolve
 from variants.budget import VariantCost, repa_projector_params
@@ -93,7 +100,6 @@ def choose_workdir(args, config: RunConfig) -> Path:
 
 def _shared_run_id() -> str:
     """Six hex digits, drawn by process 0 and shared, so every process names the same directory."""
-    from dit.distributed import from_process_zero
     return f"{from_process_zero(uuid.uuid4().int % 16**6):06x}"
 
 
@@ -170,7 +176,6 @@ def training_only(config: RunConfig) -> str:
 def check_data(config: RunConfig, progress: bool):
     """The training data (the latent cache, built here for the built-in digits, or images on the fly),
     checked against the model; returns its TrainingData."""
-    from dit.data.source import training_data
     if not config.data.images:
         prepare_data(config, progress)
     data = training_data(config.data)
@@ -190,14 +195,6 @@ def write_figures(workdir: Path, leaderboard: Path, figures: Path) -> None:
 def train_and_record(args, config: RunConfig, cost, changes: dict | None = None) -> int:
     """Trains and records the run; `changes` are those of a resume whose config.json main already read
     (--resume --workdir); a --resume that finds its run here reads it now."""
-    # The training stack (orbax, the samplers, the evaluator's networks: 2 s of imports) loads only for a
-    # run, so --list, --dry-run and a refused budget answer at once.
-    import jax
-
-    from dit.distributed import initialize
-    from dit.eval.evaluator import build_evaluator
-    from dit.objectives import make_objective
-    from dit.run import record_results, train_run
 
     initialize(args.coordinator, args.num_processes, args.process_id)
     lead = jax.process_index() == 0
@@ -263,7 +260,6 @@ def finished_run(config: RunConfig, workdir: Path, summary: dict, leaderboard: P
                         f"leaderboard rows are final; a finished run is not extended. Start a new run with "
                         f"--set train.steps={config.train.steps}.")
     if lead:
-        from dit.run import record_results
         rows = record_results(config, workdir, read_json(workdir / CONFIG), leaderboard)
         print(f"{workdir} is complete (step {summary.get('final_step')}, {describe_metric(config, summary)}); nothing "
               f"to do{f', {len(rows)} missing leaderboard rows added' if rows else ''}.")

@@ -7,8 +7,8 @@ columns existed (`LEGACY_COLUMNS`) is read as it is, and rewritten once, atomica
 with the new columns when a row is next appended to it (its rows kept, `source` train, the rest empty).
 
 `params` and `gflops` are the variant's at DiT-S size (the count the 33M budget checks, config.json's
-`budget_params`), whatever the preset trained; `source` tells a training-time evaluation (`train`, ablations/run.py) from one of a saved checkpoint
-(`sweep`, `python -m dit.eval.fid --run ... --cfg-scale ...`).
+`budget_params`), whatever the preset trained. `source` tells a training-time evaluation (`train`,
+ablations/run.py) from one of a saved checkpoint (`sweep`, `python -m dit.eval.fid --run ... --cfg-scale ...`).
 """
 
 from __future__ import annotations

@@ -74,10 +74,11 @@ def train_run(run: RunConfig, workdir: Path, source: BatchSource, objective: Obj
                                 f"--resume to continue that run, or choose another --workdir.")
             if not (workdir / CONFIG).is_file():
                 model_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))
-                step = {"grad_accum": compiled.grad_accum, "memory_gb": compiled.memory.total / 1e9,
-                        "capacity_gb": None if compiled.memory.capacity is None else compiled.memory.capacity / 1e9}
+                memory = compiled.memory
+                compiled_step = {"grad_accum": compiled.grad_accum, "memory_gb": memory.total / 1e9,
+                                 "capacity_gb": None if memory.capacity is None else memory.capacity / 1e9}
                 write_json_atomic(workdir / CONFIG, {**to_dict(run), "model_params": model_params,
-                                                     "compiled_step": step, **(record or {})})
+                                                     "compiled_step": compiled_step, **(record or {})})
         on_resume = (lambda step: record_resume_changes(workdir, resume_changes, step)) if lead and resume_changes \
             else None
         try:
@@ -95,9 +96,15 @@ def train_run(run: RunConfig, workdir: Path, source: BatchSource, objective: Obj
 
 def checkpoint_steps(run_dir: Path, run: RunConfig, step: int | None) -> list[int]:
     """The run's finished checkpoint steps; UserError when there are none, or none at `step`."""
-    checkpoints = Checkpoints(Path(run_dir) / "checkpoints", run.train)
+    checkpoints = Checkpoints(Path(run_dir) / "checkpoints", run.train, part=True)
+    try:
+        return _finished_steps(checkpoints, run_dir, step)
+    finally:
+        checkpoints.close()
+
+
+def _finished_steps(checkpoints: Checkpoints, run_dir: Path, step: int | None) -> list[int]:
     steps = sorted(checkpoints.manager.all_steps())
-    checkpoints.close()
     if not steps:
         raise UserError(f"{run_dir} holds no finished checkpoint to evaluate.")
     if step is not None and step not in steps:
@@ -108,14 +115,16 @@ def checkpoint_steps(run_dir: Path, run: RunConfig, step: int | None) -> list[in
 def restore_ema(run_dir: Path, run: RunConfig, step: int | None) -> tuple[int, object, object]:
     """(step, graphdef, EMA parameters, replicated) of the checkpoint at `step` (default the newest intact
     one). Only the EMA is read: its shapes are the model's, whatever optimizer trained it."""
-    checkpoint_steps(run_dir, run, step)
     graphdef, params = nnx.split(nnx.eval_shape(lambda: DiT(run.model, rngs=nnx.Rngs(0))))
     sharding = replicated(data_mesh())
     abstract = {"ema": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), params)}
     checkpoints = Checkpoints(Path(run_dir) / "checkpoints", run.train, part=True)
-    # The training resume's restore: checked against the seal, newer damaged checkpoints skipped (left in place).
-    found, state, _, skipped = checkpoints.restore_newest_intact(abstract, newest=step)
-    checkpoints.close()
+    try:
+        _finished_steps(checkpoints, run_dir, step)
+        # The training resume's restore: checked against the seal, newer damaged checkpoints skipped (left in place).
+        found, state, _, skipped = checkpoints.restore_newest_intact(abstract, newest=step)
+    finally:
+        checkpoints.close()
     if found is None:
         raise UserError(f"no intact checkpoint of {run_dir} to evaluate: " +
                         "; ".join(f"step {s}: {problem}" for s, problem in skipped) + ".")

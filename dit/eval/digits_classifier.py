@@ -97,8 +97,11 @@ def _logits(graphdef: nnx.GraphDef, params: nnx.State, images: jax.Array) -> jax
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _features(graphdef: nnx.GraphDef, params: nnx.State, images: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, params).features(from_uint8(images))
+def _features_and_logits(graphdef: nnx.GraphDef, params: nnx.State, images: jax.Array) -> jax.Array:
+    """(N, 64 features + 10 logits) from one pass."""
+    model = nnx.merge(graphdef, params)
+    features = model.features(from_uint8(images))
+    return jnp.concatenate([features, model.head(features)], axis=-1)
 
 
 def _batched(fn, graphdef: nnx.GraphDef, params: nnx.State, images: np.ndarray, batch_size: int) -> np.ndarray:
@@ -200,17 +203,17 @@ class DigitsClassifier:
         """Held-out accuracy (unflipped images) measured when it was trained."""
         return float(self.meta["heldout_accuracy"])
 
-    def features(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """uint8 (N, H, W, 3) -> (N, 64) float32: the features `fd_digits` compares."""
-        return _batched(_features, self.graphdef, self.params, images, batch_size)
-
     def features_and_logits(self, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (N, H, W, 3) -> the features and the (N, 10) logits: the evaluation's network interface."""
-        return self.features(images, batch_size), _batched(_logits, self.graphdef, self.params, images, batch_size)
+        """uint8 (N, H, W, 3) -> the (N, 64) features `fd_digits` compares and the (N, 10) logits, float32."""
+        both = _batched(_features_and_logits, self.graphdef, self.params, images, batch_size)
+        return both[:, :FEATURES], both[:, FEATURES:]
+
+    def features(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        return self.features_and_logits(images, batch_size)[0]
 
     def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """uint8 (N, H, W, 3) -> (N,) predicted digits."""
-        return _batched(_logits, self.graphdef, self.params, images, batch_size).argmax(-1)
+        return self.features_and_logits(images, batch_size)[1].argmax(-1)
 
 
 def classifier_path(cache_dir: str | Path) -> Path:
