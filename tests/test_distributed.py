@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,9 +20,10 @@ def free_port() -> int:
 
 
 def env(devices: int) -> dict:
-    # At LLVM's -O0 as the rest of the suite (see conftest): these tiny steps take longer to compile than to run.
+    # The suite's compiler settings (see conftest), with this many devices per process.
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ["XLA_FLAGS"])
     return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0"}
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {flags}"}
 
 
 def losses(workdir: Path) -> list[float]:
