@@ -24,7 +24,9 @@ LEADERBOARD_COLUMNS = [
 ]
 DIGITS_VARIANTS = ["baseline", "rope", "rope_swiglu"]
 IMAGENET_VARIANTS = ["baseline", "rope_swiglu"]
-# Per variant: (demo params, DiT-S params, DiT-S GFLOPs, how much better than baseline, CPU img/s).
+# Per variant: (demo params, DiT-S params, DiT-S GFLOPs, how much better than baseline, CPU img/s). As the
+# launcher records them, config.json's model_params is the trained model's count, and its budget_params and
+# gflops, like the leaderboard's params and gflops, are the variant's at DiT-S size whatever the preset.
 _VARIANTS = {
     "baseline": (1_207_562, 32_519_456, 6.06, 1.0, 120.0),
     "rope": (1_207_562, 32_519_456, 6.06, 0.9, 115.0),
@@ -55,7 +57,7 @@ def _config(variant: str, spec: dict, seed: int) -> dict:
                  "cfg_scale": 1.0, "sampler": ""},
         "data": {"cache": "data/digits-cache" if demo else "data/in100-latents"},
         "model_params": demo_params if demo else params, "budget_params": params,
-        "gflops": 0.05 if demo else gflops, "git_commit": "abc1234", "run_id": _run_id(variant, spec["preset"], seed),
+        "gflops": gflops, "git_commit": "abc1234", "run_id": _run_id(variant, spec["preset"], seed),
         "dataset": spec["dataset"], "metric": spec["metric"],
     }
 
@@ -136,7 +138,7 @@ def _write_run(runs: Path, variant: str, spec: dict, seed: int, damage: str = ""
 def _leaderboard_row(record: dict, spec: dict) -> dict:
     config = record["config"]
     return {
-        "date": "2026-11-29", "run_id": config["run_id"], "variant": config["variant"], "params": config["model_params"],
+        "date": "2026-11-29", "run_id": config["run_id"], "variant": config["variant"], "params": config["budget_params"],
         "gflops": config["gflops"], "preset": config["preset"], "dataset": config["dataset"],
         "resolution": spec["resolution"], "objective": "ddpm", "sampler": "ddpm", "sampling_steps": 50,
         "cfg_scale": 1.0, "step": record["step"], "batch_size": spec["batch_size"], "metric": spec["metric"],

@@ -127,9 +127,10 @@ def test_metric_vs_cost_points_and_budget_line(results):
     assert len(by_flops.collections) == len(by_params.collections) == 2
     assert len(by_params.lines) == 1 and by_params.lines[0].get_xdata()[0] == pytest.approx(33.0)
     assert "parameters" in by_params.get_xlabel() and "GFLOPs" in by_flops.get_xlabel()
-    # Demo models are far below the budget's scale: no budget line stretching the axis to 33M.
+    # Demo runs are placed at their variant's DiT-S size, as the launcher records them: the budget applies there.
     fig = plots.metric_vs_cost(compare(digits(table)), "fd_digits")
-    assert len(fig.axes[0].collections) == 3 and len(fig.axes[1].lines) == 0
+    assert len(fig.axes[0].collections) == 3 and len(fig.axes[1].lines) == 1
+    assert [c.get_offsets()[0][0] for c in fig.axes[1].collections] == pytest.approx([32.519456, 32.519456, 32.5256])
     assert "at step 600" in fig.axes[0].get_ylabel()  # where the killed run's last evaluation is
 
 
@@ -145,7 +146,7 @@ def test_runs_are_compared_at_the_last_step_all_reached(frame):
     values = digits(frame).query("variant == 'baseline' and step == 600")["value"]
     assert demo.loc["baseline", "value"] == pytest.approx(values.mean())
     assert (demo["best_any_step"] < demo["value"]).all() and demo["best_any_step_at"].eq(1000).all()
-    assert demo["train_flops"].tolist() == pytest.approx([600 * 32 * 6 * 0.05e9] * 3)
+    assert demo["train_flops"].tolist() == pytest.approx([600 * 32 * 6 * 6.06e9] * 3)
 
 
 def test_metric_against_training_flops(frame):
