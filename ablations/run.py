@@ -231,7 +231,7 @@ def train_and_record(args, config: RunConfig, cost, changes: dict | None = None)
               f"{count_params(config.model):,} parameters in this run's model" + training_only(config))
     source = data.batches(config.data, config.train)
     summary = train_run(config, workdir, source, make_objective(config), resume=args.resume, record=record,
-                    progress=progress, evaluate=evaluator, resume_changes=changes or {})
+                        progress=progress, evaluate=evaluator, resume_changes=changes or {})
     if summary["preempted"]:
         if lead:
             print(f"stopped at step {summary['final_step']} on SIGTERM, checkpoint saved; continue with "

@@ -12,7 +12,6 @@ evaluations of metrics.jsonl to the leaderboard.
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 from pathlib import Path
 from typing import Callable
@@ -24,6 +23,7 @@ from flax import nnx
 from dit.batches import BatchSource
 from dit.checkpoint import Checkpoints
 from dit.config import RunConfig, to_dict
+from dit.counting import count_params
 from dit.errors import UserError
 from dit.files import is_disk_full, write_json_atomic
 from dit.leaderboard import append_rows, read_rows, run_row
@@ -73,11 +73,10 @@ def train_run(run: RunConfig, workdir: Path, source: BatchSource, objective: Obj
                 raise UserError(f"the run directory {workdir} was started by another process a moment ago; pass "
                                 f"--resume to continue that run, or choose another --workdir.")
             if not (workdir / CONFIG).is_file():
-                model_params = sum(math.prod(x.shape) for x in jax.tree.leaves(state["params"]))
                 memory = compiled.memory
                 compiled_step = {"grad_accum": compiled.grad_accum, "memory_gb": memory.total / 1e9,
                                  "capacity_gb": None if memory.capacity is None else memory.capacity / 1e9}
-                write_json_atomic(workdir / CONFIG, {**to_dict(run), "model_params": model_params,
+                write_json_atomic(workdir / CONFIG, {**to_dict(run), "model_params": count_params(run.model),
                                                      "compiled_step": compiled_step, **(record or {})})
         on_resume = (lambda step: record_resume_changes(workdir, resume_changes, step)) if lead and resume_changes \
             else None

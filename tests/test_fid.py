@@ -92,7 +92,7 @@ def trained(setup, tmp_path_factory):
     record = {"run_id": "tiny-run", "budget_params": 32_519_456, "gflops": 6.06, "dataset": "images",
               "resolution": RES, "metric": "fid"}
     summary = train_run(run, workdir, CacheBatches(root / "cache", 8, seed=0), make_objective(run), progress=False,
-                    evaluate=evaluator, record=record)
+                        evaluate=evaluator, record=record)
     from dit.rundir import read_metrics
     return workdir, read_metrics(workdir), summary
 

@@ -172,11 +172,11 @@ def test_training_from_the_cache_resumes_bitwise_after_a_crash(tmp_path):
             return super().next()
 
     straight = train_run(run, tmp_path / "a", CacheBatches(tmp_path / "cache", 8, seed=0), make_objective(run),
-                     progress=False)
+                         progress=False)
     with pytest.raises(KeyboardInterrupt):
         train_run(run, tmp_path / "b", Crashing(tmp_path / "cache", 8, seed=0), make_objective(run), progress=False)
     resumed = train_run(run, tmp_path / "b", CacheBatches(tmp_path / "cache", 8, seed=0), make_objective(run),
-                    resume=True, progress=False)
+                        resume=True, progress=False)
     assert resumed["params_sha256"] == straight["params_sha256"]
 
 

@@ -209,6 +209,7 @@ class DigitsClassifier:
         return both[:, :FEATURES], both[:, FEATURES:]
 
     def features(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> (N, 64) float32: the features `fd_digits` compares."""
         return self.features_and_logits(images, batch_size)[0]
 
     def predict(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
