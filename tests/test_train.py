@@ -145,7 +145,7 @@ def test_a_diverged_run_resumes_with_clipping_turned_on(tmp_path):
         train_run(run, tmp_path / "run", Source(x, y, 8, seed=0), make_objective(run), progress=False)
     clipped = dataclasses.replace(run, train=dataclasses.replace(run.train, grad_clip=1.0))
     resumed = train_run(clipped, tmp_path / "run", source(), make_objective(clipped), resume=True, progress=False,
-                    resume_changes={"train.grad_clip": [0.0, 1.0]})
+                        resume_changes={"train.grad_clip": [0.0, 1.0]})
     assert resumed["final_step"] == 4
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["train"]["grad_clip"] == 1.0
@@ -220,7 +220,7 @@ def test_an_evaluation_cut_off_is_run_again_on_resume(tmp_path):
     with pytest.raises(Interrupt):
         train_run(run, tmp_path / "run", source(), make_objective(run), progress=False, evaluate=evaluate)
     summary = train_run(run, tmp_path / "run", source(), make_objective(run), resume=True, progress=False,
-                    evaluate=evaluate)
+                        evaluate=evaluate)
     assert calls == [4, 4, 8]  # step 4 redone from its checkpoint, before training goes on
     evaluated = [r["step"] for r in read_metrics(tmp_path / "run") if r.get("evaluated")]
     assert evaluated == [4, 8] and summary["last_metrics"]["score"] == 8.0 and "loss" in summary["last_metrics"]
@@ -414,7 +414,7 @@ def test_repa_trains_its_projector_resumes_exactly_and_accumulates_as_the_full_b
     with pytest.raises(Interrupt):
         train_run(run, tmp_path / "b", RepaSource(x, y, 8, seed=0, crash_at=7), make_objective(run), progress=False)
     resumed = train_run(run, tmp_path / "b", RepaSource(x, y, 8, seed=0), make_objective(run), resume=True,
-                    progress=False)
+                        progress=False)
     assert resumed["params_sha256"] == straight["params_sha256"]  # the projector and its optimizer state resumed
     train_run(accumulated, tmp_path / "c", RepaSource(x, y, 8, seed=0), make_objective(accumulated), progress=False)
     metrics = {name: [json.loads(l) for l in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
