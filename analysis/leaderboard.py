@@ -82,7 +82,8 @@ def heading(dataset: str, resolution: int, metric: str, num_samples: int) -> str
     return f"{dataset} {int(resolution)}px {metric} ({int(num_samples):,} samples)"
 
 
-def _format(column: str, value: object) -> str:
+def format_value(column: str, value: object) -> str:
+    """A leaderboard value as the tables print it ('-' where it is missing)."""
     if pd.isna(value):
         return "-"
     if column in ("params", "step", "best_any_step_at", "num_samples", "batch_size", "sampling_steps",
@@ -105,9 +106,9 @@ def table(rows: pd.DataFrame, columns: list[str]) -> str:
     """Aligned plain text; recipe columns that are the same on every row move to one line above the table."""
     constant = [c for c in RECIPE if c in columns and rows[c].astype(str).nunique(dropna=False) == 1]
     given = [(c, rows[c].iloc[0]) for c in constant]
-    recipe = ", ".join(f"{c} {_format(c, v)}" for c, v in given if not pd.isna(v) and v != "")
+    recipe = ", ".join(f"{c} {format_value(c, v)}" for c, v in given if not pd.isna(v) and v != "")
     shown = rows[[c for c in columns if c not in constant]]
-    shown = shown.apply(lambda series: series.map(lambda v: _format(series.name, v)))
+    shown = shown.apply(lambda series: series.map(lambda v: format_value(series.name, v)))
     return (f"recipe: {recipe}\n" if recipe else "") + shown.to_string(index=False)
 
 

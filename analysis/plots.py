@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 from PIL import Image
 
+from analysis.leaderboard import RECIPE, format_value
 from analysis.runs import Run
 from variants.budget import BUDGET
 
@@ -213,6 +214,19 @@ def loss_curves(frame: pd.DataFrame, colors: dict | None = None, window: int = 5
     return fig
 
 
+def point_labels(rows: pd.DataFrame) -> list[str]:
+    """A label per row of a comparison: its variant, and for a variant compared in several recipes (a rerun of the
+    demo under today's recipe next to rows recorded before the guidance columns existed, say) the recipe
+    columns in which its rows differ, so that no two points read the same."""
+    labels = []
+    for _, row in rows.iterrows():
+        same = rows[rows["variant"] == row["variant"]]
+        differ = [c for c in RECIPE if c in rows and same[c].astype(str).nunique(dropna=False) > 1]
+        recipe = ", ".join(f"{c} {format_value(c, row[c])}" for c in differ)
+        labels.append(f"{row['variant']} ({recipe})" if recipe else str(row["variant"]))
+    return labels
+
+
 def metric_vs_cost(compared: pd.DataFrame, metric: str, colors: dict | None = None, budget: int = BUDGET) -> Figure:
     """Each variant's metric at the common point of training (`analysis.leaderboard.compare`, not its best
     checkpoint) against GFLOPs (left) and parameters (right), each point labelled, with the budget's line.
@@ -220,7 +234,7 @@ def metric_vs_cost(compared: pd.DataFrame, metric: str, colors: dict | None = No
     Both are the variant's at DiT-S size (the leaderboard's `params` and `gflops`), whatever the preset
     trained: what the budget checks, and what a demo run stands in for.
     """
-    rows = compared[(compared["metric"] == metric) & compared["value"].notna()]
+    rows = compared[(compared["metric"] == metric) & compared["value"].notna()].sort_values("variant", kind="stable")
     where = _dataset(rows)
     colors = _colors(compared, colors)
     label = metric_label(metric, _samples_of(rows))
@@ -228,11 +242,11 @@ def metric_vs_cost(compared: pd.DataFrame, metric: str, colors: dict | None = No
     for ax, column, xlabel in ((by_flops, "gflops", "GFLOPs per image (one forward)"),
                                (by_params, "params", "trainable parameters (millions)")):
         scale = 1e6 if column == "params" else 1.0
-        for _, row in rows.sort_values("variant").iterrows():
+        for (_, row), text in zip(rows.iterrows(), point_labels(rows)):
             x = float(row[column]) / scale
             ax.scatter([x], [row["value"]], s=50, color=colors.get(row["variant"]), edgecolor="black",
                        linewidth=0.5, zorder=3)
-            ax.annotate(row["variant"], (x, row["value"]), xytext=(4, 4), textcoords="offset points", fontsize=8)
+            ax.annotate(text, (x, row["value"]), xytext=(4, 4), textcoords="offset points", fontsize=8)
         ax.set_xlabel(xlabel)
         ax.margins(x=0.15)  # room for the labels of the outermost points
         ax.grid(True, which="both", alpha=0.3)

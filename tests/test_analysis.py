@@ -8,6 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
@@ -132,6 +133,18 @@ def test_metric_vs_cost_points_and_budget_line(results):
     assert len(fig.axes[0].collections) == 3 and len(fig.axes[1].lines) == 1
     assert [c.get_offsets()[0][0] for c in fig.axes[1].collections] == pytest.approx([32.519456, 32.519456, 32.5256])
     assert "at step 600" in fig.axes[0].get_ylabel()  # where the killed run's last evaluation is
+
+
+def test_metric_vs_cost_tells_apart_two_recipes_of_one_variant(results):
+    # rope_swiglu's runs again under another recipe (guidance off on the last 11% of the noise levels); the
+    # rows recorded before the guidance columns existed read with those columns empty.
+    table = digits(read_leaderboard(results["leaderboard"]))
+    again = table[table["variant"] == "rope_swiglu"].assign(run_id=lambda d: d["run_id"] + "-again",
+                                                            guidance_high=0.89)
+    old = table.assign(guidance_high=float("nan"))
+    fig = plots.metric_vs_cost(compare(pd.concat([old, again])), "fd_digits")
+    labels = sorted(text.get_text() for text in fig.axes[0].texts)
+    assert labels == ["baseline", "rope", "rope_swiglu (guidance_high -)", "rope_swiglu (guidance_high 0.89)"]
 
 
 def test_runs_are_compared_at_the_last_step_all_reached(frame):
@@ -276,8 +289,6 @@ def test_notebook_executes_on_fixtures(results, name, monkeypatch):
 
 def test_a_rerun_of_a_variant_and_seed_supersedes_the_earlier_run(tmp_path):
     import shutil
-
-    import pandas as pd
 
     from analysis.runs import latest_rows
     results = write_fixture_results(tmp_path / "r")

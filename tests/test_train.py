@@ -9,10 +9,12 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from dit.batches import ArrayBatches, Batch, BatchFormat, latent_batch
 from dit.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from dit.errors import UserError
+from dit.model import DiT
 from dit.mesh import data_mesh, global_batch
 from dit.objectives import make_objective
 from dit.mesh import to_host
@@ -72,7 +74,9 @@ def test_writes_run_files_and_loss_falls(tmp_path, objective):
     assert records[-1]["loss"] < 0.8 * records[0]["loss"]
     assert {"loss", "loss_q0", "loss_q3", "grad_norm", "lr", "img_per_s", "step_ms"} <= set(records[-1])
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["train"]["objective"] == objective and config["model_params"] > 0
+    assert config["train"]["objective"] == objective
+    trained = nnx.state(DiT(run.model, rngs=nnx.Rngs(0)), nnx.Param)  # the parameters of the model trained
+    assert config["model_params"] == sum(leaf.size for leaf in jax.tree.leaves(trained))
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["final_step"] == 150
 
 
