@@ -58,6 +58,23 @@ class Norm(nnx.Module):
         return x if self.weight is None else x * self.weight[...]
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def round_gradient(x: jax.Array, dtype) -> jax.Array:
+    """x itself; in the backward pass the gradient flowing into x is rounded to `dtype` (and kept in x's dtype)."""
+    return x
+
+
+def _round_gradient_fwd(x, dtype):
+    return x, None
+
+
+def _round_gradient_bwd(dtype, _, gradient):
+    return (gradient.astype(dtype).astype(gradient.dtype),)
+
+
+round_gradient.defvjp(_round_gradient_fwd, _round_gradient_bwd)
+
+
 def modulate(x: jax.Array, shift: jax.Array | None, scale: jax.Array) -> jax.Array:
     """adaLN: per-example shift and scale broadcast over tokens (no shift: LightningDiT's wo_shift)."""
     x = x * (1 + scale[:, None, :])

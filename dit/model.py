@@ -17,7 +17,7 @@ from dit.attention import SelfAttention, rope_2d_angles
 from dit.config import SCAN_BLOCKS_ON, ModelConfig
 from dit.guidance import guide
 from dit.layers import (ConvStem, GeluMlp, LabelEmbedder, Norm, PatchEmbed, SwiGluMlp, TimestepEmbedder, linear,
-                        modulate, normal_002, sincos_pos_embed_2d, unpatchify, zeros)
+                        modulate, normal_002, round_gradient, sincos_pos_embed_2d, unpatchify, zeros)
 
 
 class DiTBlock(nnx.Module):
@@ -32,6 +32,15 @@ class DiTBlock(nnx.Module):
         d = cfg.hidden_size
         dtype = jnp.dtype(cfg.dtype)
         self.shifted = cfg.adaln_shift
+        # The residual stream is float32 in the forward pass whatever the compute dtype; with bfloat16 compute and
+        # dense attention its gradient, which each of the block's backward fusions reads or writes whole, is
+        # rounded to bfloat16 where it enters the block's two sums. Measured 2026-12-07, DiT-S/2 in bfloat16 (TPU
+        # v3-8 cost model, batch 256): the step 32.91 -> 31.71 ms, 12.03 -> 11.51 GB moved per core, the same
+        # memory; one step's gradient error against float32 0.2761% -> 0.2762% (rope_swiglu 0.2646% -> 0.2659%).
+        # Not with blockwise attention: patch1's step gains 2% but keeps 1.5 GB more per core (5.26 -> 6.79 GB
+        # of temporaries). float16 keeps float32 gradients (its range ends at 65504).
+        round_gradients = dtype == jnp.bfloat16 and cfg.attention_kind == "dense"
+        self.gradient_dtype = jnp.bfloat16 if round_gradients else None
         self.norm1 = Norm(cfg.norm, d, cfg.norm_weight)
         self.norm2 = Norm(cfg.norm, d, cfg.norm_weight)
         self.attn = SelfAttention(d, cfg.num_heads, rngs, dtype, qk_norm=cfg.qk_norm, attention=cfg.attention_kind,
@@ -48,6 +57,9 @@ class DiTBlock(nnx.Module):
             self.adaln_modulation = None
             self.adaln_offset = nnx.Param(jax.random.normal(rngs.params(), (n * d,), jnp.float32) / math.sqrt(d))
 
+    def _round_residual_gradient(self, x):
+        return x if self.gradient_dtype is None else round_gradient(x, self.gradient_dtype)
+
     def __call__(self, x, c, shared_modulation=None, rope_angles=None):
         # The named scopes label the compiled program's operations (profiles, dit.bench compile).
         with jax.named_scope("adaln"):
@@ -61,8 +73,10 @@ class DiTBlock(nnx.Module):
             scale_msa, gate_msa, scale_mlp, gate_mlp = jnp.split(modulation, 4, axis=-1)
             shift_msa = shift_mlp = None
         with jax.named_scope("attention"):
+            x = self._round_residual_gradient(x)
             x = x + gate_msa[:, None, :] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope_angles)
         with jax.named_scope("mlp"):
+            x = self._round_residual_gradient(x)
             return x + gate_mlp[:, None, :] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
 

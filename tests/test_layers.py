@@ -1,11 +1,12 @@
 """Embeddings and token layout, checked against diffusers' implementations where they exist."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dit.config import ModelConfig
-from dit.layers import patchify, sincos_pos_embed_2d, timestep_embedding, unpatchify
+from dit.layers import patchify, round_gradient, sincos_pos_embed_2d, timestep_embedding, unpatchify
 
 
 def test_timestep_embedding_matches_diffusers_with_dit_settings():
@@ -52,3 +53,13 @@ def test_norm_weight_scales_each_channel_after_normalising():
     np.testing.assert_allclose(jnp.sqrt(jnp.mean(jnp.square(Norm("rmsnorm", 16)(x)), -1)), 1.0, rtol=1e-4)
     np.testing.assert_array_equal(Norm("layernorm", 16)(x), layer_norm(x))
     assert Norm("layernorm", 16).weight is None  # DiT's norms have no parameters
+
+
+def test_round_gradient_leaves_the_value_and_rounds_the_gradient():
+    x = jax.random.normal(jax.random.key(0), (64,), jnp.float32)
+    weights = jax.random.normal(jax.random.key(1), (64,), jnp.float32)  # the gradient of sum(weights * x)
+    np.testing.assert_array_equal(round_gradient(x, jnp.bfloat16), x)
+    gradient = jax.grad(lambda x: jnp.sum(weights * round_gradient(x, jnp.bfloat16)))(x)
+    assert gradient.dtype == jnp.float32
+    np.testing.assert_array_equal(gradient, weights.astype(jnp.bfloat16).astype(jnp.float32))
+    assert not np.array_equal(gradient, weights)

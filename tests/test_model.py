@@ -214,6 +214,25 @@ def test_residual_stream_stays_float32_in_low_precision(name, monkeypatch):
     assert all(out == jnp.float32 for call, _, out in seen if call == "DiTBlock.__call__")
 
 
+def test_bfloat16_blocks_round_the_residual_gradient_only():
+    # The block's forward is the same either way; the gradient it passes back to the residual stream is
+    # rounded to bfloat16 with bfloat16 compute and dense attention, kept float32 with blockwise attention
+    # (memory), float16 (range) and float32.
+    x = jax.random.normal(jax.random.key(0), (2, TINY.num_tokens, TINY.hidden_size), jnp.float32)
+    c = jax.random.normal(jax.random.key(1), (2, TINY.hidden_size), jnp.float32)
+    cotangent = jax.random.normal(jax.random.key(2), x.shape, jnp.float32)
+    for dtype, attention, rounded in (("bfloat16", "dense", True), ("bfloat16", "blockwise", False),
+                                      ("float16", "dense", False), ("float32", "dense", False)):
+        cfg = dataclasses.replace(TINY, dtype=dtype, attention=attention)
+        block_def, stacked = nnx.split(randomized(cfg).blocks)
+        block = nnx.merge(block_def, jax.tree.map(lambda a: a[0], stacked))  # the first block, non-zero weights
+        out, backward = jax.vjp(lambda x: block(x, c), x)
+        (gradient,) = backward(cotangent)
+        assert out.dtype == gradient.dtype == jnp.float32
+        representable = np.array_equal(gradient, gradient.astype(jnp.bfloat16).astype(jnp.float32))
+        assert representable == rounded, (dtype, attention)
+
+
 @pytest.mark.parametrize("pos_embed", ["rope", "sincos_rope"])
 def test_rope_low_precision_error_is_close_to_sincos(pos_embed):
     base = ModelConfig(input_size=16, patch_size=2, hidden_size=128, depth=4, num_heads=2, num_classes=10)
