@@ -215,9 +215,9 @@ def test_residual_stream_stays_float32_in_low_precision(name, monkeypatch):
 
 
 def test_bfloat16_blocks_round_the_residual_gradient_only():
-    # The block's forward is the same either way; the gradient it passes back to the residual stream is
-    # rounded to bfloat16 with bfloat16 compute and dense attention, kept float32 with blockwise attention
-    # (memory), float16 (range) and float32.
+    # The gradient a block passes back to the residual stream is rounded to bfloat16 with bfloat16 compute and
+    # dense attention, kept float32 with blockwise attention (memory), float16 (range) and float32; the stream
+    # itself stays float32 (round_gradient's forward is the identity: tests/test_layers.py).
     x = jax.random.normal(jax.random.key(0), (2, TINY.num_tokens, TINY.hidden_size), jnp.float32)
     c = jax.random.normal(jax.random.key(1), (2, TINY.hidden_size), jnp.float32)
     cotangent = jax.random.normal(jax.random.key(2), x.shape, jnp.float32)
