@@ -217,7 +217,8 @@ class TrainConfig:
     keep_checkpoints: int = 3  # the last N are kept ...
     keep_every: int = 0  # ... plus every K-th step for good (0: none)
     local_checkpoints: bool = False  # multi-host without a shared filesystem: each process keeps its own
-    # The EMA and AdamW's moments split over the devices, each updating its 1/n (ZeRO stage 1); auto: not on CPUs.
+    # The weights, the EMA and AdamW's moments split over the devices, each updating its 1/n (ZeRO stage 3;
+    # dit.train.SPLIT_PARTS); auto: not on CPUs.
     split_state: bool | str = "auto"
     log_every: int = 100
     tensorboard: bool = False  # also write the logged metrics as TensorBoard events (extra: tensorboard)

@@ -7,10 +7,12 @@ import signal
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from ablations.presets import smoke
 from dit.batches import ArrayBatches, Batch, BatchFormat, latent_batch
 from dit.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from dit.errors import UserError
@@ -20,7 +22,9 @@ from dit.objectives import make_objective
 from dit.mesh import to_host
 from dit.rundir import read_metrics
 from dit.run import restore_ema, train_run
-from dit.train import TrainingDiverged, build_training, create_optimizer, params_sha256
+from dit.train import TrainingDiverged, build_training, create_optimizer, gathered_weights, params_sha256
+from tests.helpers import batch, randomized
+from variants.registry import REGISTERED, resolve
 
 MODEL = ModelConfig(input_size=8, hidden_size=32, depth=2, num_heads=2, num_classes=4)
 
@@ -250,11 +254,26 @@ def test_one_device_and_eight_devices_give_the_same_step_with_the_update_split_o
     np.testing.assert_allclose(loss1, loss8, rtol=1e-5)  # only the order of the mean's sums differs
     for a, b in zip(jax.tree.leaves(state1), jax.tree.leaves(state8)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    # On eight devices each holds 1/8 of the EMA and of the optimizer's moments; the weights are whole on each.
-    split = [a for a in jax.tree.leaves((state["ema"], state["opt_state"])) if any(n % 8 == 0 for n in a.shape)]
-    assert len(split) == 3 * len(jax.tree.leaves(state["params"]))  # EMA, AdamW's mu and nu
+    # On eight devices each holds 1/8 of the weights, of the EMA and of the optimizer's moments.
+    parts = (state["params"], state["ema"], state["opt_state"])
+    split = [a for a in jax.tree.leaves(parts) if any(n % 8 == 0 for n in a.shape)]
+    assert len(split) == 4 * len(jax.tree.leaves(state["params"]))  # weights, EMA, AdamW's mu and nu
     assert all(a.addressable_shards[0].data.size * 8 == a.size for a in split)
-    assert all(a.is_fully_replicated for a in jax.tree.leaves(state["params"]))
+
+
+def test_the_weights_gathered_in_the_compute_dtype_give_the_same_forward():
+    # gathered_weights casts the products' weights (PRODUCT_WEIGHTS) before the gather: that changes nothing
+    # only if every layer casts them to the compute dtype anyway, which this checks for each registered variant.
+    mesh = data_mesh(jax.devices()[:1])
+    for name in REGISTERED:
+        cfg = dataclasses.replace(smoke(RunConfig(model=resolve(name))).model, dtype="bfloat16")
+        graphdef, params = nnx.split(randomized(cfg), nnx.Param)
+        x, t, y = batch(cfg, n=2)
+        forward = jax.jit(lambda params: nnx.merge(graphdef, params)(x, t, y))
+        gathered = gathered_weights(params, mesh, "bfloat16")
+        cast = [a for a, b in zip(jax.tree.leaves(gathered), jax.tree.leaves(params)) if a.dtype != b.dtype]
+        assert cast and all(a.dtype == jnp.bfloat16 for a in cast), name
+        np.testing.assert_array_equal(forward(gathered), forward(params), err_msg=name)
 
 
 def test_optimizer_schedule_warmup_and_cosine():
