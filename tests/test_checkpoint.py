@@ -70,3 +70,23 @@ def test_an_unsealed_checkpoint_that_does_not_restore_is_skipped(tmp_path):
     largest_file(tmp_path / "checkpoints" / "4").unlink()
     step, _, _, skipped = checkpoints.restore_newest_intact(abstract())
     assert step == 2 and skipped[0][0] == 4 and "does not restore" in skipped[0][1]
+
+
+def test_a_checkpoint_restores_into_another_layout(tmp_path):
+    # A run checkpointed with its weights whole on every device resumes with them split over the devices
+    # (train.split_state, dit.train.SPLIT_PARTS), and back: the restore places each array as the target says.
+    from dit.mesh import data_mesh, replicated, split_over_devices
+
+    assert jax.device_count() == 8
+    mesh = data_mesh()
+    layouts = {"whole": replicated(mesh), "split": split_over_devices(mesh, (64, 64))}
+    values = jnp.arange(64 * 64, dtype=jnp.float32).reshape(64, 64)
+    for saved_as, restored_as in (("whole", "split"), ("split", "whole")):
+        checkpoints = Checkpoints(tmp_path / saved_as, TrainConfig())
+        checkpoints.save(1, {"w": jax.device_put(values, layouts[saved_as])}, {})
+        checkpoints.wait()
+        target = {"w": jax.ShapeDtypeStruct((64, 64), jnp.float32, sharding=layouts[restored_as])}
+        state, _ = checkpoints.restore(1, target)
+        assert state["w"].sharding == layouts[restored_as]
+        np.testing.assert_array_equal(state["w"], values)
+        checkpoints.close()
