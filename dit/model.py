@@ -32,15 +32,14 @@ class DiTBlock(nnx.Module):
         d = cfg.hidden_size
         dtype = jnp.dtype(cfg.dtype)
         self.shifted = cfg.adaln_shift
-        # The residual stream is float32 in the forward pass whatever the compute dtype; with bfloat16 compute and
-        # dense attention its gradient, which each of the block's backward fusions reads or writes whole, is
-        # rounded to bfloat16 where it enters the block's two sums. Measured 2026-12-07, DiT-S/2 in bfloat16 (TPU
-        # v3-8 cost model, batch 256): the step 32.91 -> 31.71 ms, 12.03 -> 11.51 GB moved per core, the same
-        # memory; one step's gradient error against float32 0.2761% -> 0.2762% (rope_swiglu 0.2646% -> 0.2659%).
-        # Not with blockwise attention: patch1's step gains 2% but keeps 1.5 GB more per core (5.26 -> 6.79 GB
-        # of temporaries). float16 keeps float32 gradients (its range ends at 65504).
-        round_gradients = dtype == jnp.bfloat16 and cfg.attention_kind == "dense"
-        self.gradient_dtype = jnp.bfloat16 if round_gradients else None
+        # The residual stream is float32 in the forward pass whatever the compute dtype; with bfloat16 compute its
+        # gradient, which each of the block's backward fusions reads or writes whole, is rounded to bfloat16 where
+        # it enters the block's two sums. Measured 2026-12-07, DiT-S/2 in bfloat16 (TPU v3-8 cost model, batch
+        # 256): the step 32.91 -> 31.71 ms, 12.03 -> 11.51 GB moved per core, the same memory; one step's gradient
+        # error against float32 0.2761% -> 0.2762% (rope_swiglu 0.2646% -> 0.2659%); patch1, with the weights
+        # split (dit.train.SPLIT_PARTS), 261.3 -> 256.5 ms and 7.00 -> 6.85 GB per core. float16 keeps float32
+        # gradients (its range ends at 65504).
+        self.gradient_dtype = jnp.bfloat16 if dtype == jnp.bfloat16 else None
         self.norm1 = Norm(cfg.norm, d, cfg.norm_weight)
         self.norm2 = Norm(cfg.norm, d, cfg.norm_weight)
         self.attn = SelfAttention(d, cfg.num_heads, rngs, dtype, qk_norm=cfg.qk_norm, attention=cfg.attention_kind,
