@@ -238,11 +238,12 @@ def metric_vs_cost(compared: pd.DataFrame, metric: str, colors: dict | None = No
     where = _dataset(rows)
     colors = _colors(compared, colors)
     label = metric_label(metric, _samples_of(rows))
+    texts = point_labels(rows)
     fig, (by_flops, by_params) = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained", sharey=True)
     for ax, column, xlabel in ((by_flops, "gflops", "GFLOPs per image (one forward)"),
                                (by_params, "params", "trainable parameters (millions)")):
         scale = 1e6 if column == "params" else 1.0
-        for (_, row), text in zip(rows.iterrows(), point_labels(rows)):
+        for (_, row), text in zip(rows.iterrows(), texts):
             x = float(row[column]) / scale
             ax.scatter([x], [row["value"]], s=50, color=colors.get(row["variant"]), edgecolor="black",
                        linewidth=0.5, zorder=3)

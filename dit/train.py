@@ -109,7 +109,8 @@ def gathered_weights(params, mesh, compute_dtype: str):
     """The weights of a split state whole on every device, the products' weights cast to the compute dtype
     first. Measured 2026-12-07 (TPU v3-8 cost model, DiT-S/2 in bfloat16, batch 256): the step 31.71 ->
     31.02 ms and 1.67 -> 1.61 GB per core, where the weights were replicated in the state and gathered in
-    float32 after each update (patch1: 262.0 -> 261.3 ms, but 5.45 -> 7.00 GB; docs/commands.md)."""
+    float32 after each update (patch1, its gradient then unrounded: 262.0 -> 261.3 ms, but 5.45 -> 7.00 GB;
+    docs/commands.md)."""
     whole = replicated(mesh)
 
     def gather(path, weight):

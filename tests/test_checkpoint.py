@@ -9,6 +9,7 @@ import pytest
 
 from dit.checkpoint import SEAL, Checkpoints
 from dit.config import TrainConfig
+from dit.mesh import data_mesh, replicated, split_over_devices
 
 
 def saved(tmp_path, steps=(2, 4)):
@@ -75,8 +76,6 @@ def test_an_unsealed_checkpoint_that_does_not_restore_is_skipped(tmp_path):
 def test_a_checkpoint_restores_into_another_layout(tmp_path):
     # A run checkpointed with its weights whole on every device resumes with them split over the devices
     # (train.split_state, dit.train.SPLIT_PARTS), and back: the restore places each array as the target says.
-    from dit.mesh import data_mesh, replicated, split_over_devices
-
     assert jax.device_count() == 8
     mesh = data_mesh()
     layouts = {"whole": replicated(mesh), "split": split_over_devices(mesh, (64, 64))}
