@@ -35,6 +35,32 @@ def test_attention_matches_numpy():
     np.testing.assert_allclose(np.asarray(attn(jnp.asarray(x))), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_one_qkv_product_equals_three_forward_and_backward():
+    # SelfAttention makes q, k, v with one product where attention takes them as they come (dense, no RoPE
+    # or QK-norm) and with three elsewhere; both must be the same function, bias gradients included.
+    attn = SelfAttention(32, 4, nnx.Rngs(0), jnp.float32)
+    attn.qkv.bias[...] = 0.1 * jax.random.normal(jax.random.key(1), (96,))
+    graphdef, params = nnx.split(attn)
+    x = jax.random.normal(jax.random.key(2), (2, 10, 32))
+    cotangents = [jax.random.normal(jax.random.key(3 + i), (2, 10, 4, 8)) for i in range(3)]
+
+    def projected(params, x, one_product):
+        return nnx.merge(graphdef, params)._projections(x, one_product)
+
+    def loss(params, x, one_product):
+        return sum(jnp.sum(a * c) for a, c in zip(projected(params, x, one_product), cotangents))
+
+    for one, three in zip(projected(params, x, True), projected(params, x, False)):
+        np.testing.assert_allclose(one, three, rtol=1e-6, atol=1e-6)
+    def gradients(one_product):  # the qkv weight's, its bias's and the input's
+        params_grad, x_grad = jax.grad(loss, argnums=(0, 1))(params, x, one_product)
+        return params_grad["qkv"]["kernel"][...], params_grad["qkv"]["bias"][...], x_grad
+
+    for g, e in zip(gradients(True), gradients(False)):
+        assert np.abs(np.asarray(e)).max() > 0
+        np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+
+
 def test_rope_scores_depend_only_on_relative_offset():
     grid, head_dim = 6, 16
     angles = jnp.asarray(rope_2d_angles(grid, head_dim))
