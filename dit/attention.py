@@ -282,8 +282,8 @@ class SelfAttention(nnx.Module):
         and for blockwise attention (which copies k and v into key blocks). Measured 2026-12-08, TPU v3-8
         cost model, DiT-S/2 in bfloat16 at batch 256, three products -> one: baseline 31.02 -> 29.93 ms
         (11.21 -> 10.52 GB moved per core; one bias over the product: 30.46 ms), rope_swiglu 35.28 ->
-        35.15 ms; but qknorm 32.61 -> 33.75 ms (lightning, QK-norm and RoPE: 35.04 -> 34.92 ms, but 1.66
-        -> 1.76 GB of temporaries per core), patch1 (blockwise) 256.5 -> 290.2 ms.
+        35.15 ms, lightning 35.04 -> 34.92 ms; but qknorm 32.61 -> 33.75 ms and patch1 (blockwise) 256.5 ->
+        290.2 ms.
         """
         dtype = self.qkv.dtype or x.dtype
         c, h, d = x.shape[-1], self.num_heads, self.head_dim
