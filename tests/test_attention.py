@@ -36,8 +36,8 @@ def test_attention_matches_numpy():
 
 
 def test_one_qkv_product_equals_three_forward_and_backward():
-    # SelfAttention makes q, k, v with one product where attention takes them as they come (dense, no RoPE
-    # or QK-norm) and with three elsewhere; both must be the same function, bias gradients included.
+    # SelfAttention makes q, k, v with one product for dense attention without QK-norm and with three
+    # elsewhere; both must be the same function, bias gradients included.
     attn = SelfAttention(32, 4, nnx.Rngs(0), jnp.float32)
     attn.qkv.bias[...] = 0.1 * jax.random.normal(jax.random.key(1), (96,))
     graphdef, params = nnx.split(attn)
@@ -52,6 +52,7 @@ def test_one_qkv_product_equals_three_forward_and_backward():
 
     for one, three in zip(projected(params, x, True), projected(params, x, False)):
         np.testing.assert_allclose(one, three, rtol=1e-6, atol=1e-6)
+
     def gradients(one_product):  # the qkv weight's, its bias's and the input's
         params_grad, x_grad = jax.grad(loss, argnums=(0, 1))(params, x, one_product)
         return params_grad["qkv"]["kernel"][...], params_grad["qkv"]["bias"][...], x_grad
@@ -87,6 +88,21 @@ def test_rope_is_a_rotation():
     rotated = apply_rope(x, angles)
     np.testing.assert_allclose(jnp.linalg.norm(rotated, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
     np.testing.assert_allclose(rotated[:, 0], x[:, 0], rtol=1e-6)  # position (0, 0) is not rotated
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rope_rotates_each_channel_with_the_one_half_a_head_away(dtype):
+    # apply_rope swaps the halves with a permutation product; it must equal the rotation written with
+    # slices, in float32 from x's values and rounded once to x's dtype.
+    angles = rope_2d_angles(4, 8)
+    x = np.asarray(jax.random.normal(jax.random.key(0), (2, 16, 3, 8)).astype(dtype), np.float64)
+    x1, x2 = x[..., :4], x[..., 4:]
+    cos, sin = np.cos(angles)[:, None, :], np.sin(angles)[:, None, :]
+    expected = np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+    rotated = apply_rope(jnp.asarray(x, dtype), jnp.asarray(angles))
+    assert rotated.dtype == dtype
+    tolerance = 1e-6 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(rotated, np.float64), expected, rtol=tolerance, atol=tolerance)
 
 
 def test_qk_norm_makes_attention_invariant_to_query_key_scale():

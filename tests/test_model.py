@@ -188,7 +188,9 @@ def test_remat_gives_the_same_gradients_as_none(remat, scan_blocks):
     expected, got = jax.tree.leaves(gradients(base)), jax.tree.leaves(gradients(other))
     assert len(expected) == len(got)
     for a, b in zip(expected, got):
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+        # Within float32 rounding of each array's scale: recomputing reorders the sums, and an element near
+        # zero can differ by a few ulps of its array's largest (about 5e-7 of it, measured 2026-12-08).
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * float(np.max(np.abs(a))))
 
 
 @pytest.mark.parametrize("name", REGISTERED)
