@@ -95,7 +95,8 @@ def stack_blocks(blocks: list[DiTBlock]) -> DiTBlock:
 REMAT_POLICIES = {"block": jax.checkpoint_policies.nothing_saveable,
                   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 # What a scanned block keeps with remat `none`: the weight products' outputs and what FlashAttention's
-# backward needs besides q, k, v (its output and log-sum-exp), recomputing the elementwise work (norms,
+# backward needs besides q, k, v (its output and log-sum-exp; the CPU's attention names its output too, which
+# the output projection's backward reads), recomputing the elementwise work (norms,
 # modulation, activations, the CPU attention's softmax) inside the backward's fusions, as XLA does by
 # itself for the unrolled loop.
 # Without a policy the scan keeps every intermediate: 2.9x the unrolled step's temporaries on a TPU v3

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from dit.config import ModelConfig
-from dit.layers import patchify, round_gradient, sincos_pos_embed_2d, timestep_embedding, unpatchify
+from dit.layers import (patchify, round_gradient, sincos_pos_embed_2d, timestep_embedding, unpatchify,
+                        weight_product)
 
 
 def test_timestep_embedding_matches_diffusers_with_dit_settings():
@@ -63,3 +64,19 @@ def test_round_gradient_leaves_the_value_and_rounds_the_gradient():
     assert gradient.dtype == jnp.float32
     np.testing.assert_array_equal(gradient, weights.astype(jnp.bfloat16).astype(jnp.float32))
     assert not np.array_equal(gradient, weights)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, axes", [((2, 5, 8), (8, 3, 4), 1), ((2, 5, 3, 4), (3, 4, 8), 2)])
+def test_weight_product_gradients_are_autodiffs(x_shape, w_shape, axes):
+    # On the CPU (where the tests run) weight_product's backward is written out: it must be autodiff's.
+    key_x, key_w, key_c = jax.random.split(jax.random.key(0), 3)
+    x, w = jax.random.normal(key_x, x_shape), jax.random.normal(key_w, w_shape)
+    cotangent = jax.random.normal(key_c, x_shape[:-axes] + w_shape[axes:])
+    gradients = lambda product: jax.jit(jax.grad(lambda x, w: jnp.sum(product(x, w) * cotangent), argnums=(0, 1)))
+    ours = lambda x, w: weight_product(x, w, axes)
+    autodiffs = lambda x, w: jnp.tensordot(x, w, axes)
+    np.testing.assert_array_equal(jax.jit(ours)(x, w), autodiffs(x, w))
+    for got, expected in zip(gradients(ours)(x, w), gradients(autodiffs)(x, w)):
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
