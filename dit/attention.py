@@ -283,11 +283,11 @@ class SelfAttention(nnx.Module):
         slice keeps the bias gradients inside the fusions that compute dq, dk and dv (one bias over the
         whole product needed a separate pass over its gradient). Three products where q and k are
         normalized per head (QK-norm: XLA copies the whole product into another layout for the norms)
-        and for blockwise attention (its program moved 100.7 -> 113.7 GB per core with one). Measured 2026-12-08, TPU v3-8
-        cost model, DiT-S/2 in bfloat16 at batch 256, three products -> one: baseline 31.02 -> 29.93 ms
-        (11.21 -> 10.52 GB moved per core; one bias over the product: 30.46 ms), rope_swiglu 35.28 ->
-        35.15 ms, lightning 35.04 -> 34.92 ms; but qknorm 32.61 -> 33.75 ms and patch1 (blockwise) 256.5 ->
-        290.2 ms.
+        and for blockwise attention (its program moved 100.7 -> 113.7 GB per core with one). Measured
+        2026-12-08, TPU v3-8 cost model, DiT-S/2 in bfloat16 at batch 256, three products -> one: baseline
+        31.02 -> 29.93 ms (11.21 -> 10.52 GB moved per core; one bias over the product: 30.46 ms),
+        rope_swiglu 35.28 -> 35.15 ms, lightning 35.04 -> 34.92 ms; but qknorm 32.61 -> 33.75 ms and patch1
+        (blockwise) 256.5 -> 290.2 ms. The products are weight_product's (on the CPU, its own backward).
         """
         dtype = self.qkv.dtype or x.dtype
         c, h, d = x.shape[-1], self.num_heads, self.head_dim
