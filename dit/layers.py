@@ -27,7 +27,7 @@ def weight_product(x: jax.Array, w: jax.Array, axes: int = 1) -> jax.Array:
     """x's last `axes` axes contracted with w's first ones: (..., *in) x (*in, *out) -> (..., *out).
 
     The products of the tokens with a block's weights. On the CPU the backward is written out
-    (_cpu_weight_product); on accelerators it is autodiff's, and the program the same as jnp.einsum's.
+    (_cpu_weight_product); on accelerators it is autodiff's (the v3-8 cost model's step as with jnp.einsum).
     """
     return jax.lax.platform_dependent(x, w, cpu=functools.partial(_cpu_weight_product, axes=axes),
                                       default=functools.partial(jnp.tensordot, axes=axes))
@@ -42,13 +42,13 @@ def _cpu_weight_product(x: jax.Array, w: jax.Array, axes: int) -> jax.Array:
     into the transposed layout before its weight product (9.4 MB a block) and ran the MLP's weight
     products in Eigen's path for two transposed operands (65-77 GFLOP/s on this project's CPU, against
     about 100 for the others). DiT-S/2 at batch 8, float32, profiled on one core (2026-12-08): copies and
-    transposes 250 -> 55 ms a step, the step 4.2 -> 3.9 s; on two cores about 9% less.
+    transposes 250 -> 55 ms a step, the step 4.2 -> 3.9 s; on two cores about 9% less (alternated runs).
     """
     return jnp.tensordot(x, w, axes=axes)
 
 
 def _cpu_weight_product_fwd(x, w, axes):
-    return jnp.tensordot(x, w, axes=axes), (x, w)
+    return _cpu_weight_product(x, w, axes), (x, w)
 
 
 def _cpu_weight_product_bwd(axes, residuals, d_out):

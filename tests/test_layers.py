@@ -79,4 +79,3 @@ def test_weight_product_gradients_are_autodiffs(x_shape, w_shape, axes):
     for got, expected in zip(gradients(ours)(x, w), gradients(autodiffs)(x, w)):
         assert got.shape == expected.shape
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
-
