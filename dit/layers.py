@@ -48,7 +48,9 @@ def _cpu_weight_product(x: jax.Array, w: jax.Array, axes: int) -> jax.Array:
 
 
 def _cpu_weight_product_fwd(x, w, axes):
-    return _cpu_weight_product(x, w, axes), (x, w)
+    # The product itself: calling the custom_vjp function here made dit.aot's traced FLOP count of the
+    # step 1.31x the model's (tests/test_aot.py, 2026-12-08).
+    return jnp.tensordot(x, w, axes=axes), (x, w)
 
 
 def _cpu_weight_product_bwd(axes, residuals, d_out):
