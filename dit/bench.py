@@ -21,6 +21,7 @@ device's capacity, FLOPs per step, XLA's cost-model time. DIT_DEVICE_MEMORY_GB o
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import statistics
@@ -78,8 +79,9 @@ def _preset_run(variant: str, preset: str, overrides: list[str]) -> RunConfig:
 
 def torch_dit_step(batch: int, num_classes: int = 100):
     """One training step of the official DiT-S/2 in PyTorch, as a callable: diffusers' port of it
-    (DiTTransformer2DModel), float32, AdamW, MSE on the predicted noise (the VLB term left out, so the
-    reference does a little less than our step). Needs the test extra (torch, diffusers)."""
+    (DiTTransformer2DModel), float32, AdamW and the EMA update as DiT's train.py does them, MSE on the
+    predicted noise (the VLB term left out: elementwise work on the output, so the reference does a little
+    less than our step). Needs the test extra (torch, diffusers)."""
     try:
         import torch
         from diffusers import DiTTransformer2DModel
@@ -89,6 +91,7 @@ def torch_dit_step(batch: int, num_classes: int = 100):
     model = DiTTransformer2DModel(num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8,
                                   num_layers=12, sample_size=32, patch_size=2, num_embeds_ada_norm=num_classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+    ema = copy.deepcopy(model).requires_grad_(False)
     x, noise = torch.randn(batch, 4, 32, 32), torch.randn(batch, 4, 32, 32)
     t, y = torch.randint(0, 1000, (batch,)), torch.randint(0, num_classes, (batch,))
 
@@ -98,7 +101,11 @@ def torch_dit_step(batch: int, num_classes: int = 100):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        with torch.no_grad():  # DiT's update_ema, decay 0.9999
+            for ema_param, param in zip(ema.parameters(), model.parameters()):
+                ema_param.mul_(0.9999).add_(param, alpha=1 - 0.9999)
 
+    step.model, step.ema = model, ema
     return step
 
 

@@ -34,6 +34,23 @@ def test_train_bench_json_fields_are_consistent(monkeypatch, capsys):
     assert result["model_tflops_per_s"] == pytest.approx(result["img_per_s"] * result["gflop_per_image"] / 1e3, rel=1e-6)
 
 
+def test_torch_reference_step_updates_the_ema_as_dit_does():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from dit.bench import torch_dit_step
+
+    step = torch_dit_step(1)
+    assert all(torch.equal(e, p) for e, p in zip(step.ema.parameters(), step.model.parameters()))  # a copy
+    # From a zero EMA one update leaves (1 - decay) x the stepped weights: far from both a missing update
+    # (zeros) and the weights themselves, which a step at lr 1e-4 barely moves.
+    with torch.no_grad():
+        for ema in step.ema.parameters():
+            ema.zero_()
+    step()
+    for ema, param in zip(step.ema.parameters(), step.model.parameters()):
+        torch.testing.assert_close(ema, (1 - 0.9999) * param.detach(), rtol=1e-5, atol=0)
+
+
 def test_data_bench_times_a_synthetic_cache_and_refuses_a_missing_one(tmp_path, capsys):
     from dit.bench import main
 
