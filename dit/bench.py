@@ -105,7 +105,7 @@ def torch_dit_step(batch: int, num_classes: int = 100):
             for ema_param, param in zip(ema.parameters(), model.parameters()):
                 ema_param.mul_(0.9999).add_(param, alpha=1 - 0.9999)
 
-    step.model, step.ema = model, ema
+    step.model, step.ema = model, ema  # for tests to read
     return step
 
 
