@@ -91,7 +91,7 @@ def torch_dit_step(batch: int, num_classes: int = 100):
     model = DiTTransformer2DModel(num_attention_heads=6, attention_head_dim=64, in_channels=4, out_channels=8,
                                   num_layers=12, sample_size=32, patch_size=2, num_embeds_ada_norm=num_classes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
-    ema = copy.deepcopy(model).requires_grad_(False)
+    ema, ema_decay = copy.deepcopy(model).requires_grad_(False), 0.9999
     x, noise = torch.randn(batch, 4, 32, 32), torch.randn(batch, 4, 32, 32)
     t, y = torch.randint(0, 1000, (batch,)), torch.randint(0, num_classes, (batch,))
 
@@ -101,9 +101,9 @@ def torch_dit_step(batch: int, num_classes: int = 100):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        with torch.no_grad():  # DiT's update_ema, decay 0.9999
+        with torch.no_grad():  # DiT's update_ema
             for ema_param, param in zip(ema.parameters(), model.parameters()):
-                ema_param.mul_(0.9999).add_(param, alpha=1 - 0.9999)
+                ema_param.mul_(ema_decay).add_(param, alpha=1 - ema_decay)
 
     step.model, step.ema = model, ema  # for tests to read
     return step

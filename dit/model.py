@@ -95,10 +95,10 @@ def stack_blocks(blocks: list[DiTBlock]) -> DiTBlock:
 REMAT_POLICIES = {"block": jax.checkpoint_policies.nothing_saveable,
                   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 # What a scanned block keeps with remat `none`: the weight products' outputs and what FlashAttention's
-# backward needs besides q, k, v (its output and log-sum-exp; the CPU's attention names its output too, which
-# the output projection's backward reads), recomputing the elementwise work (norms,
-# modulation, activations, the CPU attention's softmax) inside the backward's fusions, as XLA does by
-# itself for the unrolled loop.
+# backward needs besides q, k, v (its output and log-sum-exp; the CPU's attention names its output too,
+# which the output projection's backward reads), recomputing the elementwise work (norms, modulation,
+# activations, the CPU attention's softmax) inside the backward's fusions, as XLA does by itself for the
+# unrolled loop.
 # Without a policy the scan keeps every intermediate: 2.9x the unrolled step's temporaries on a TPU v3
 # (4.79 against 1.68 GB for DiT-S/2, bfloat16, 32 per core).
 SCANNED_RESIDUALS = jax.checkpoint_policies.save_from_both_policies(
